@@ -1,0 +1,20 @@
+"""Run every benchmark: ``python -m bench [--quick]``. Each prints one JSON object per metric per line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHES = ["bench.inference", "bench.process"]
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    rc = 0
+    for mod in BENCHES:
+        rc |= subprocess.call([sys.executable, "-m", mod, *args])
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
