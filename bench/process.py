@@ -148,12 +148,46 @@ def bench_startup(repeats: int) -> None:
          ratio_max=round(max(ratios), 3))
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_idle_cpu(seconds: float) -> None:
+    """CPU the agent burns with no traffic (all three demo models loaded), against a sleeping Python process."""
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
+    cfg = work / "agent.toml"
+    cfg.write_text(demo_config_text(work / "state", work / "api.sock"))
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    try:
+        from agent.localapi import LocalClient
+
+        with LocalClient(work / "api.sock") as client:
+            client.wait_ready(alive=lambda: proc.poll() is None)
+        time.sleep(1.0)
+        a0, b0 = _cpu_seconds(proc.pid), _cpu_seconds(idle.pid)
+        time.sleep(seconds)
+        a1, b1 = _cpu_seconds(proc.pid), _cpu_seconds(idle.pid)
+    finally:
+        proc.terminate()
+        idle.terminate()
+        proc.wait(30)
+        idle.wait(30)
+    emit("idle", "cpu_percent_of_one_core", value=100 * (a1 - a0) / seconds,
+         baseline="a sleeping python process", baseline_value=100 * (b1 - b0) / seconds, target="< 1%",
+         window_s=seconds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    repeats = 5 if ap.parse_args().quick else 9
+    quick = ap.parse_args().quick
+    repeats = 5 if quick else 9
     bench_memory(repeats)
     bench_startup(repeats)
+    bench_idle_cpu(5.0 if quick else 30.0)
 
 
 if __name__ == "__main__":

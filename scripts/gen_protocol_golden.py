@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 
+from agent.drift import Edges, NumericHistogram
 from agent.protocol import (
     FRAME_MSGPACK,
     FRAME_ZLIB,
@@ -46,10 +48,12 @@ T0 = 1767225600.0  # 2026-01-01T00:00:00Z
 
 
 def _histogram(lo: float, hi: float, counts: list[int]) -> dict[str, Any]:
-    """A plausible histogram dict. Its layout belongs to the drift package; here it is opaque data."""
-    step = (hi - lo) / len(counts)
-    edges = [round(lo + i * step, 6) for i in range(len(counts) + 1)]
-    return {"edges": edges, "counts": counts, "underflow": 0, "overflow": 1}
+    """A real histogram in the shared drift layout (agent.drift), so the golden windows decode on both sides:
+    values at each bin's centre, ``counts[i]`` times, plus one value above the top edge."""
+    edges = Edges.uniform(lo, hi, len(counts))
+    centres = [(a + b) / 2 for a, b in zip(edges.values[:-1], edges.values[1:], strict=True)]
+    values = np.repeat(np.asarray(centres), counts)
+    return NumericHistogram.from_values(edges, np.append(values, hi + 1.0)).to_dict()
 
 
 def examples() -> dict[str, Message]:

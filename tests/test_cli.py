@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from agent import __version__
-from agent.localapi import LocalApiError, LocalClient
+from agent.localapi import LocalClient
 from tests.conftest import REPO, agent_config_text, samples
 
 PROGRAMS = {"edge-agent": "agent.cli", "edge-bundle": "agent.bundletool.cli", "fleet-server": "fleet_server.cli"}
@@ -80,15 +79,7 @@ def test_agent_process_serves_then_stops_cleanly_on_sigterm(short_tmp: Path) -> 
     sock = short_tmp / "api.sock"
     try:
         client = LocalClient(sock)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                assert client.health()["status"] == "ready"
-                break
-            except LocalApiError:
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        assert client.wait_ready(alive=lambda: proc.poll() is None)["status"] == "ready"
         s = samples("digits_int8")
         out = client.infer("digits-tflite", {"features": s["inputs"]["features"][:1]})
         assert out["version"] == 1

@@ -50,18 +50,6 @@ def demo_config_text(state_dir: Path, socket_path: Path, *, profile: str | None 
     return "\n".join(lines)
 
 
-def _wait_ready(client: LocalClient, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the agent exited with code {proc.returncode} before it was ready")
-        try:
-            return client.health()
-        except LocalApiError:
-            time.sleep(0.05)
-    raise RuntimeError(f"the agent was not ready within {timeout:.0f} s")
-
-
 def _classify(client: LocalClient, model: str, samples: dict[str, Any]) -> None:
     (input_name, rows), = samples["inputs"].items()
     names = samples.get("label_names") or [str(i) for i in range(100)]
@@ -135,7 +123,7 @@ def run_demo(*, keep: bool = False) -> int:
     try:
         with LocalClient(sock) as client:
             t0 = time.monotonic()
-            health = _wait_ready(client, proc)
+            health = client.wait_ready(alive=lambda: proc.poll() is None)
             print(f"agent ready in {time.monotonic() - t0:.2f} s serving {', '.join(health['models'])}")
             for m in client.models():
                 fb = "; ".join(f"{f['wanted']} skipped: {f['reason']}" for f in m["fallbacks"]) or "none"

@@ -6,7 +6,7 @@ column; here every value of the whole matrix is mapped to a *slot* in one flat i
 feature owns ``bins + 4`` consecutive slots: underflow, the bins, overflow, nan, one spare) and a single
 ``np.bincount`` counts them all.
 
-How a value finds its slot, exactly (the result equals :meth:`Edges._slots`, the reference rule):
+How a value finds its slot, exactly (counts equal those of :meth:`Edges._count`, the per-column rule):
 
 1. Per feature, ``[e0, e_k]`` is cut into ``G`` equal *cells*, with ``G`` chosen so that each cell is
    narrower than the narrowest bin (so a cell, widened by a safety margin, contains at most one bin
@@ -45,7 +45,7 @@ _MARGIN: Final = 1e-4
 _DENSITY: Final = 64
 """Aim for at least this many cells per bin, so few values land in a cell holding a boundary."""
 _MAX_CELLS: Final = 4096
-"""Most cells per feature; features needing more use the ``searchsorted`` fallback."""
+"""Most cells per feature; features needing more are counted by sorting instead (fallback)."""
 _CHUNK_ELEMENTS: Final = 1 << 16
 """Values per chunk: keeps the temporaries (and the per-feature tiles) in cache."""
 _FOLD: Final = 64
@@ -255,7 +255,7 @@ class BatchBinner:
 
     @property
     def fallback_columns(self) -> tuple[int, ...]:
-        """Columns binned with ``np.searchsorted`` because their edges do not suit the lookup table."""
+        """Columns counted by sorting (per column) because their edges do not suit the lookup table."""
         return self._fallback
 
     def histograms(self, matrix: ArrayLike) -> list[NumericHistogram]:
@@ -300,8 +300,7 @@ class BatchBinner:
     def _bin_chunk(self, x: F64, counts: NDArray[np.int64], buffers: _Buffers) -> _RunningMoments:
         """Add the slot counts of one C-contiguous chunk to ``counts``; return the chunk's moments."""
         rows, features = x.shape
-        scale, offset, lower, upper, nan_cell = (tile[:rows] for tile in self._tiles)
-        work, cell, slots = buffers.work[:rows], buffers.cell[:rows], buffers.slots[:rows]
+        work = buffers.work[:rows]
         lo = _reduce_rows(np.minimum, x)
         hi = _reduce_rows(np.maximum, x)
         if bool(np.isfinite(lo).all() and np.isfinite(hi).all()):  # no NaN or inf anywhere
@@ -327,7 +326,18 @@ class BatchBinner:
             m2 = _reduce_rows(np.add, deviation)
             lo = np.where(n > 0, lo, np.inf)
             hi = np.where(n > 0, hi, -np.inf)
-        # Slots: cell index through the transform, LUT lookup, exact fix-up of boundary cells.
+        if len(self._fallback) < features:
+            self._count_with_lut(x, counts, buffers, has_nan=has_nan)
+        for j in self._fallback:
+            base, bins = self._slot_base[j], self._edges[j].bins
+            counts[base : base + bins + 3] += self._edges[j]._count(x[:, j])
+        return _RunningMoments(n, lo, hi, mean, m2)
+
+    def _count_with_lut(self, x: F64, counts: NDArray[np.int64], buffers: _Buffers, *, has_nan: bool) -> None:
+        """Slots via transform + LUT + exact fix-up of boundary cells, then ONE bincount for all."""
+        rows = x.shape[0]
+        scale, offset, lower, upper, nan_cell = (tile[:rows] for tile in self._tiles)
+        work, cell, slots = buffers.work[:rows], buffers.cell[:rows], buffers.slots[:rows]
         np.multiply(x, scale, out=work)
         np.add(work, offset, out=work)
         np.fmax(work, lower, out=work)  # fmax/fmin: a NaN (0 * inf in fallback columns) becomes a bound
@@ -345,10 +355,6 @@ class BatchBinner:
             guess += values >= self._ext_next[guess]
             flat_slots[uncertain] = guess
         counts += np.bincount(flat_slots, minlength=self._total_slots)
-        for j in self._fallback:
-            base, bins = self._slot_base[j], self._edges[j].bins
-            counts[base : base + bins + 3] += self._edges[j]._count(x[:, j])
-        return _RunningMoments(n, lo, hi, mean, m2)
 
     def _finish(self, counts: NDArray[np.int64], moments: _RunningMoments) -> list[NumericHistogram]:
         result: list[NumericHistogram] = []

@@ -184,6 +184,10 @@ class Edges:
         """Hash of the values, consistent with ``==``."""
         return self._hash
 
+    def __reduce__(self) -> tuple[type[Edges], tuple[list[float]]]:
+        """Pickle as the plain values (re-validated and frozen again on load)."""
+        return (Edges, (self.tolist(),))
+
     def __repr__(self) -> str:
         """Short form; long edge lists are elided so error messages stay readable."""
         return f"Edges({_short(self._values)})"

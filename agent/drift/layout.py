@@ -253,6 +253,10 @@ class Summary(Mapping[str, FeatureSummary]):
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, JsonValue]]]:
+        """Pickle through the dict form (the cached binner is rebuilt on demand)."""
+        return (Summary.from_dict, (self.to_dict(),))
+
     def __repr__(self) -> str:
         """Feature names and kinds."""
         inner = ", ".join(f"{name!r}: {f.kind}" for name, f in self._features.items())

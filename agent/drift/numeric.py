@@ -405,6 +405,10 @@ class NumericHistogram:
 
     __hash__ = None  # type: ignore[assignment]  # mutable accumulator
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, JsonValue]]]:
+        """Pickle through the dict form, so unpickled arrays are read-only again."""
+        return (NumericHistogram.from_dict, (self.to_dict(),))
+
     def __repr__(self) -> str:
         """Summary line for logs."""
         return (

@@ -10,11 +10,11 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.localapi.wire import ProtocolViolation, SocketReader, message
+from agent.localapi.wire import ProtocolViolation, SocketReader, message, set_io_timeout
 
 __all__ = ["LocalApiError", "LocalClient"]
 
@@ -50,7 +50,7 @@ class LocalClient:
     def _connect(self) -> tuple[socket.socket, SocketReader]:
         if self._sock is None or self._reader is None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(self._timeout)
+            set_io_timeout(s, self._timeout)
             try:
                 self._connect_retrying(s)
             except OSError as exc:
@@ -95,7 +95,7 @@ class LocalClient:
                 if reused and attempt == 0:
                     continue  # the agent closed an idle keep-alive connection; one fresh try
                 raise LocalApiError(0, "unreachable", f"connection to the agent failed: {exc}") from None
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 self.close()
                 raise LocalApiError(0, "timeout", f"no answer from the agent within {self._timeout} s") from None
             except ProtocolViolation as exc:
@@ -111,6 +111,20 @@ class LocalClient:
                                     err.get("field"))
             return doc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def wait_ready(self, timeout: float = 60.0, *, alive: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+        """Poll ``/v1/health`` until the agent is ready; ``alive`` lets a caller stop early if the agent died."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.health()
+            except LocalApiError as exc:
+                if not alive():
+                    raise LocalApiError(0, "unreachable", "the agent process exited before it was ready") from None
+                if time.monotonic() > deadline:
+                    raise LocalApiError(0, "timeout",
+                                        f"the agent was not ready within {timeout:.0f} s: {exc}") from None
+                time.sleep(0.05)
 
     def health(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/v1/health")

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.config import ApiConfig
-from agent.localapi.wire import Head, ProtocolViolation, SocketReader, message, reason_phrase
+from agent.localapi.wire import Head, ProtocolViolation, SocketReader, message, reason_phrase, set_io_timeout
 from agent.model import RequestError
 from agent.runtime import BusyError, InferenceFailedError, ModelHost, RuntimeErrorBase, UnknownModelError
 
@@ -60,12 +60,6 @@ def _status_line(status: int) -> bytes:
     if line is None:
         line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {reason_phrase(status)}".encode()
     return line
-
-
-def _json_default(o: object) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 class LocalApiServer:
@@ -183,7 +177,7 @@ class LocalApiServer:
 
         def answer() -> None:
             try:
-                conn.settimeout(1.0)
+                set_io_timeout(conn, 1.0)
                 reader = SocketReader(conn)
                 with contextlib.suppress(OSError, ProtocolViolation):
                     head = reader.read_head()
@@ -199,13 +193,21 @@ class LocalApiServer:
 
     def _serve_conn(self, conn: socket.socket) -> None:
         reader = SocketReader(conn)
+        # One kernel timeout for every read and write (no per-call poll); idle time is counted in ticks of it.
+        tick = min(self._cfg.read_timeout_s, self._cfg.idle_timeout_s)
+        set_io_timeout(conn, tick)
+        idle = 0.0
         try:
             while not self._stopping.is_set():
-                conn.settimeout(self._cfg.idle_timeout_s)
                 try:
                     head = reader.read_head()
                 except TimeoutError:
-                    return  # idle keep-alive connection, or a head that never completes: close quietly
+                    idle += tick
+                    if reader.buffered or idle >= self._cfg.idle_timeout_s:
+                        if reader.buffered:
+                            self._count("slow_client")
+                        return  # a head that never completes, or an idle keep-alive connection: close
+                    continue
                 except ProtocolViolation as exc:
                     self._count("malformed")
                     conn.sendall(message(_status_line(exc.status), _error_body("bad_request", exc.message, None),
@@ -213,7 +215,7 @@ class LocalApiServer:
                     return
                 if head is None:
                     return
-                conn.settimeout(self._cfg.read_timeout_s)
+                idle = 0.0
                 if not self._handle(conn, reader, head):
                     return
         except (ConnectionError, TimeoutError, OSError) as exc:
@@ -312,7 +314,7 @@ class LocalApiServer:
         if result.flags is not None:
             out["flags"] = {"out_of_range": list(result.flags.out_of_range),
                             "non_finite": list(result.flags.non_finite)}
-        return 200, json.dumps(out, default=_json_default).encode()
+        return 200, json.dumps(out).encode()
 
     def _decode_inputs(self, model: Any, body: bytes) -> dict[str, npt.NDArray[Any]]:
         """JSON → arrays in the schema's dtypes. Every failure names the field and counts on the model."""
@@ -346,7 +348,7 @@ class LocalApiServer:
             model.count_error("shape_mismatch")
             raise _Reply(422, "shape_mismatch", f"input '{key}' is not a rectangular array (ragged rows)",
                          key) from None
-        if arr.dtype.kind not in "biuf" or arr.dtype == object:
+        if arr.dtype.kind not in "biuf":
             model.count_error("dtype_mismatch")
             raise _Reply(422, "dtype_mismatch", f"input '{key}' must hold only numbers (the model expects "
                                                 f"{dtype}); got {arr.dtype.name} values", key)
