@@ -131,3 +131,22 @@ def test_demo_runs_end_to_end() -> None:
     assert "accuracy on these rows" in r.stdout
     assert "HTTP 422 non_finite" in r.stdout
     assert "agent stopped with SIGTERM (exit code 0)" in r.stdout
+
+
+def test_infer_and_models_commands_talk_to_a_running_agent(start_agent: object, short_tmp: Path) -> None:
+    agent = start_agent(models=("cancer_mlp_int8.onnx",))  # type: ignore[operator]
+    sock = str(agent.config.api.socket_path)
+    row = samples("cancer_mlp_int8")["inputs"]["features"][0]
+    import json
+
+    r = run("agent.cli", "infer", "cancer-mlp", "--socket", sock, "--json", json.dumps({"features": [row]}))
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["outputs"]["probabilities"][0]) == 2
+    r = run("agent.cli", "models", "--socket", sock)
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == "cancer-mlp"
+    r = run("agent.cli", "infer", "cancer-mlp", "--socket", sock, "--json", '{"features": [[1, 2]]}')
+    assert r.returncode == 1 and "shape_mismatch" in r.stderr and "[N, 30]" in r.stderr
+    r = run("agent.cli", "infer", "cancer-mlp", "--socket", sock, "--json", "{not json")
+    assert r.returncode != 0 and "not valid JSON" in r.stderr
+    r = run("agent.cli", "infer", "cancer-mlp", "--socket", str(short_tmp / "nope.sock"), "--json", "{}")
+    assert r.returncode == 1 and "is edge-agent running" in r.stderr
