@@ -44,8 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start an agent on the bundled demo models and run a client against it")
     demo.add_argument("--keep", action="store_true", help="keep the demo's temporary directory")
 
-    ins = sub.add_parser("install", help="sideload a signed model bundle (not built yet)")
-    ins.add_argument("path", nargs="?")
+    ins = sub.add_parser("install", help="sideload a signed model bundle (the checks of an OTA order, minus the order)")
+    ins.add_argument("path", type=Path, help="the bundle file")
+    ins.add_argument("--socket", type=Path, default=Path("/run/edge-agent/api.sock"), help=sock_help)
+    ins.add_argument("--config", type=Path,
+                     help="agent config: install offline into its state directory when the agent is not running")
     sub.add_parser("provision", help="claim this device's identity with the fleet (not built yet)")
     return p
 
@@ -64,13 +67,66 @@ def _read_inputs(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def _print_outcome(doc: dict[str, Any]) -> int:
+    ok = doc.get("status") in ("soaking", "healthy", "already_installed")
+    what = f"{doc.get('model')}@{doc.get('version')}" if doc.get("model") else "bundle"
+    line = f"{what}: {doc.get('status')}"
+    if doc.get("reason"):
+        line += f" ({doc['reason']})"
+    if doc.get("message"):
+        line += f": {doc['message']}"
+    print(line, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else EXIT_FAILED
+
+
+def _install(args: argparse.Namespace) -> int:
+    """Through the running agent (hot swap, live soak); offline into the state directory if it is not running."""
+    from agent.localapi import LocalApiError, LocalClient
+
+    path = args.path.resolve()
+    if not path.is_file():
+        print(f"edge-agent install: {path} is not a file", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with LocalClient(args.socket, timeout=600) as client:
+            return _print_outcome(client.request("POST", "/v1/admin/install", {"path": str(path)}))
+    except LocalApiError as exc:
+        if exc.code != "unreachable" or args.config is None:
+            hint = "" if args.config else " (pass --config to install offline while the agent is stopped)"
+            print(f"edge-agent install: {exc}{hint}", file=sys.stderr)
+            return EXIT_FAILED
+    from agent.config import ConfigError, load_config
+    from agent.logs import configure_logging
+    from agent.service import Agent
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"edge-agent: invalid config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging("warning", "text")
+    agent = Agent.from_config(config)
+    if agent.updater is None or config.updates.trust_root is None:
+        print("edge-agent install: bundle installs are disabled: set updates.trust_root in the config",
+              file=sys.stderr)
+        return EXIT_USAGE
+    agent.updater.trust.provision(config.updates.trust_root)
+    agent.updater.recover()
+    agent.updater.load_installed()
+    outcome = agent.updater.install_file(path)
+    agent.host.close()
+    message = outcome.message + ("; the live soak runs when the agent starts" if outcome.status == "soaking" else "")
+    return _print_outcome({"status": outcome.status, "model": outcome.model, "version": outcome.version,
+                           "reason": outcome.reason, "message": message})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
         return EXIT_USAGE
     if args.command == "install":
-        return not_built_yet("edge-agent", "install", "signed OTA model bundles")
+        return _install(args)
     if args.command == "provision":
         return not_built_yet("edge-agent", "provision", "MQTT provisioning")
     if args.command == "profiles":

@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.protocol import InvalidIdentifierError, validate_device_id
 
-__all__ = ["AgentConfig", "ApiConfig", "ConfigError", "ModelEntry", "load_config", "parse_config"]
+__all__ = ["AgentConfig", "ApiConfig", "ConfigError", "ModelEntry", "UpdatesConfig", "load_config", "parse_config"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
@@ -60,6 +60,15 @@ class ModelEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdatesConfig:
+    """Signed bundle installs. Without ``trust_root`` the agent serves only its configured model files."""
+
+    trust_root: Path | None = None
+    crash_loop_limit: int = 3
+    tick_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     device_id: str
     state_dir: Path
@@ -69,6 +78,7 @@ class AgentConfig:
     profiles_dir: Path | None = None
     log_level: str = "info"
     log_format: str = "json"
+    updates: UpdatesConfig = UpdatesConfig()
 
 
 class _Reader:
@@ -157,7 +167,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"is not valid TOML: {exc}") from None
     top = _Reader(source, "", doc, base, {"device_id", "state_dir", "profile", "profiles_dir", "log_level",
-                                          "log_format", "api", "models"})
+                                          "log_format", "api", "models", "updates"})
     device_id = top.string("device_id", required=True)
     assert device_id is not None
     try:
@@ -208,8 +218,15 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         assert path is not None
         schema = r.path("schema") or path.with_name(path.name.rsplit(".", 1)[0] + ".schema.json")
         models.append(ModelEntry(path, schema))
+    up = _Reader(source, "updates.", top.table_of("updates"), base, {f.name for f in fields(UpdatesConfig)})
+    updates = UpdatesConfig(
+        trust_root=up.path("trust_root"),
+        crash_loop_limit=up.integer("crash_loop_limit", 3, 1, 100),
+        tick_s=up.number("tick_s", 1.0, 0.05, 60.0),
+    )
     assert state_dir is not None and profile is not None and log_level is not None and log_format is not None
-    return AgentConfig(device_id, state_dir, profile, api, tuple(models), profiles_dir, log_level, log_format)
+    return AgentConfig(device_id, state_dir, profile, api, tuple(models), profiles_dir, log_level, log_format,
+                       updates)
 
 
 def load_config(path: Path) -> AgentConfig:

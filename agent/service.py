@@ -14,7 +14,10 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
+from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.config import AgentConfig
@@ -23,6 +26,9 @@ from agent.localapi.server import LocalApiServer
 from agent.profiles import FirmwareProfile, builtin_profiles_dir, resolve_profile
 from agent.runtime import ModelHost, ModelSpec, load_schema_file
 from agent.statedir import LAYOUT_VERSION, StateLayout
+
+if TYPE_CHECKING:
+    from agent.updater.updater import InstallOutcome, UpdateEvent, Updater
 
 __all__ = ["Agent", "sd_notify"]
 
@@ -48,21 +54,33 @@ def sd_notify(message: str) -> bool:
 class Agent:
     """Constructed with its collaborators; ``start()`` does the I/O; ``run()`` blocks until a stop signal."""
 
-    def __init__(self, config: AgentConfig, profile: FirmwareProfile, host: ModelHost, api: LocalApiServer) -> None:
+    def __init__(self, config: AgentConfig, profile: FirmwareProfile, host: ModelHost, api: LocalApiServer,
+                 updater: Updater | None = None) -> None:
         self.config = config
         self.profile = profile
         self.host = host
         self.api = api
+        self.updater = updater
         self.state = "starting"
+        self.events: deque[UpdateEvent] = deque(maxlen=256)
         self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> Agent:
         profile = resolve_profile(config.profile, config.profiles_dir or builtin_profiles_dir())
         host = ModelHost(profile, max_batch=config.api.max_batch, max_pending=config.api.max_pending)
         agent: Agent | None = None
-        api = LocalApiServer(host, config.api, ready=lambda: agent.state if agent else "starting")
+        api = LocalApiServer(host, config.api, ready=lambda: agent.state if agent else "starting",
+                             admin=lambda: agent)
         agent = cls(config, profile, host, api)
+        if config.updates.trust_root is not None:
+            from agent.updater.updater import Updater, UpdateSettings  # the update stack loads only when enabled
+
+            agent.updater = Updater(
+                device_id=config.device_id, layout=StateLayout(config.state_dir), host=host, profile=profile,
+                events=agent.events.append, settings=UpdateSettings(crash_loop_limit=config.updates.crash_loop_limit),
+            )
         return agent
 
     def start(self) -> None:
@@ -73,9 +91,23 @@ class Agent:
         layout.keys.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not layout.layout_marker.exists():
             atomic_write(layout.layout_marker, f"{LAYOUT_VERSION}\n".encode())
+        installed: list[str] = []
+        if self.updater is not None:
+            assert self.config.updates.trust_root is not None
+            self.updater.trust.provision(self.config.updates.trust_root)
+            self.updater.recover()
+            installed = self.updater.load_installed()
         for entry in self.config.models:
             schema = load_schema_file(entry.schema)
+            if schema.model in installed:
+                log.warning("model '%s' is installed from a signed bundle; ignoring the [[models]] file %s",
+                            schema.model, entry.path)
+                continue
             self.host.load(ModelSpec(entry.path, schema))
+        if self.updater is not None:
+            self.updater.resume_pending()
+            self._ticker = threading.Thread(target=self._tick_loop, name="updater-tick", daemon=True)
+            self._ticker.start()
         self.api.start()
         self.state = "ready"
         sd_notify(f"READY=1\nSTATUS=serving {len(self.host.models())} model(s)")
@@ -86,6 +118,23 @@ class Agent:
             extra={"device_id": self.config.device_id, "profile": self.profile.name,
                    "ready_ms": round((time.monotonic() - started) * 1000, 1)},
         )
+
+    def _tick_loop(self) -> None:
+        assert self.updater is not None
+        while not self._stop.wait(self.config.updates.tick_s):
+            try:
+                self.updater.tick()
+            except Exception:  # the top of a task: log with context, keep serving
+                log.exception("updater tick failed")
+
+    def install(self, path: Path) -> InstallOutcome:
+        """Sideload a bundle file (``edge-agent install``): same checks as an order's bundle, except the order."""
+        if self.updater is None:
+            from agent.updater.updater import InstallOutcome
+
+            return InstallOutcome("rejected", reason="disabled",
+                                  message="bundle installs are disabled: set updates.trust_root in the config")
+        return self.updater.install_file(path)
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None:

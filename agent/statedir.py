@@ -64,6 +64,35 @@ class StateLayout:
         return self.model_dir(model) / "hwm"
 
     @property
+    def staging(self) -> Path:
+        """Where a bundle's files are written while it is verified, before they become a slot (same filesystem,
+        so the move is a rename). One install at a time."""
+        return self.root / "staging"
+
+    def install_journal(self, model: str) -> Path:
+        """The in-progress install of a model (step, slots, command); lets a restarted agent finish or roll back."""
+        return self.model_dir(model) / "install.json"
+
+    @property
+    def trust_root(self) -> Path:
+        """The current trust root (rotated in place, atomically)."""
+        return self.keys / "root.json"
+
+    @property
+    def orders_dir(self) -> Path:
+        return self.root / "orders"
+
+    @property
+    def order_sequence(self) -> Path:
+        """The highest deployment-order sequence accepted (replay protection)."""
+        return self.orders_dir / "sequence"
+
+    @property
+    def applied_commands(self) -> Path:
+        """Command ids already applied and their outcome (a resent command is answered, not re-run)."""
+        return self.orders_dir / "applied"
+
+    @property
     def downloads(self) -> Path:
         return self.root / "downloads"
 

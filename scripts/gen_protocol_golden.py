@@ -4,6 +4,11 @@ For each example ``<name>`` it writes ``<name>.msgpack`` (the exact frame) and `
 debug form, ``to_json(msg, indent=2)`` plus a newline). The agent's and the server's tests decode these
 files, so they must stay stable: regenerate only for a deliberate contract change, and review the diff.
 
+The two ``command_*`` examples carry a realistic deployment-order document (``docs/bundle-format.md``) with
+fake keyids and signatures (hex digests of labels, not real Ed25519 signatures: the golden pins the framing,
+not the cryptography). They are written uncompressed (``compress=False``; ``encode`` would deflate bodies over
+512 bytes) so their bytes can be compared exactly.
+
 ``status_v1_1_with_extra`` is built by hand from a raw map (not through ``encode``) to stand in for a
 *newer* peer speaking schema 1.1 with fields this build does not know; it follows the documented
 canonical rules (sorted keys, shortest ints, float64), so ``encode(decode(frame)) == frame``.
@@ -17,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import zlib
 from pathlib import Path
@@ -30,6 +36,7 @@ from agent.protocol import (
     FRAME_MSGPACK,
     FRAME_ZLIB,
     Ack,
+    Command,
     DriftWindow,
     Event,
     Heartbeat,
@@ -45,6 +52,44 @@ GOLDEN_DIR = Path(__file__).resolve().parents[1] / "tests" / "golden" / "protoco
 
 DEVICE = "cam-0042"
 T0 = 1767225600.0  # 2026-01-01T00:00:00Z
+DEPLOY_ID = "cmd-8c41e0"
+CANCEL_ID = "cmd-8c41e1"
+UNCOMPRESSED = frozenset({"command_deploy", "command_cancel"})
+"""Examples written with ``encode(msg, compress=False)`` (the rest use the default policy)."""
+
+
+def _fake_hex(label: str, chars: int = 64) -> str:
+    """Deterministic hex that looks like a keyid (64 chars), digest or signature (128 chars)."""
+    return hashlib.sha512(label.encode()).hexdigest()[:chars]
+
+
+def _order(signed: dict[str, Any]) -> dict[str, Any]:
+    """A deployment-order document signed (in appearance) by two ``orders`` keys."""
+    return {"signed": signed,
+            "signatures": [{"keyid": _fake_hex(f"orders-key-{i}"), "sig": _fake_hex(f"sig-{i}", 128)}
+                           for i in (1, 2)]}
+
+
+def deploy_order() -> dict[str, Any]:
+    digest = _fake_hex("person-detector-5-manifest")
+    issued = int(T0) + 60
+    return _order({
+        "type": "deployment-order", "format": 1, "command_id": DEPLOY_ID, "action": "deploy",
+        "device_id": DEVICE, "rollout_id": "ro-2026-01-01-a", "sequence": 17,
+        "model": "person-detector", "version": 5, "bundle_digest": digest, "bundle_length": 4_812_288,
+        "url": f"https://fleet.example/v1/bundles/{digest}", "token": "tok-3f9c2a7e51d04b8e",
+        "token_expires_at": issued + 3600, "issued_at": issued, "expires_at": issued + 86400,
+        "allow_downgrade": False,
+    })
+
+
+def cancel_order() -> dict[str, Any]:
+    issued = int(T0) + 120
+    return _order({
+        "type": "deployment-order", "format": 1, "command_id": CANCEL_ID, "action": "cancel",
+        "cancels": DEPLOY_ID, "device_id": DEVICE, "rollout_id": "ro-2026-01-01-a", "sequence": 18,
+        "issued_at": issued, "expires_at": issued + 86400,
+    })
 
 
 def _histogram(lo: float, hi: float, counts: list[int]) -> dict[str, Any]:
@@ -86,6 +131,18 @@ def examples() -> dict[str, Message]:
             features=wide_features, slis={"latency_ms_p50": 18.0, "errors": 2},
         ),
         "ack": Ack(device_id=DEVICE, stream="events", seqs=((0, 16), (18, 20)), missing=((17, 17),)),
+        "command_deploy": Command(device_id=DEVICE, command_id=DEPLOY_ID, kind="deploy", order=deploy_order(),
+                                  sent_at=T0 + 60.5),
+        "command_cancel": Command(device_id=DEVICE, command_id=CANCEL_ID, kind="cancel", order=cancel_order(),
+                                  sent_at=T0 + 120.25),
+        "event_installed": Event(device_id=DEVICE, stream_seq=21, kind="installed", at=T0 + 95.5,
+                                 command_id=DEPLOY_ID, model="person-detector", version=5, reason=None,
+                                 detail={"slot": "a", "previous_version": 4,
+                                         "bundle_digest": _fake_hex("person-detector-5-manifest")}),
+        "event_rolled_back": Event(device_id=DEVICE, stream_seq=22, kind="rolled_back", at=T0 + 400.0,
+                                   command_id=None, model="person-detector", version=5, reason="crash_loop",
+                                   detail={"message": "model worker exited 5 times within 300 s",
+                                           "restarts": 5, "window_s": 300.0, "restored_version": 4, "slot": "b"}),
     }
 
 
@@ -118,7 +175,8 @@ def newer_minor_frame() -> bytes:
 def render() -> dict[str, bytes]:
     """Every golden file name -> its exact content."""
     files: dict[str, bytes] = {}
-    frames = {name: encode(msg) for name, msg in examples().items()}
+    frames = {name: encode(msg, compress=False if name in UNCOMPRESSED else None)
+              for name, msg in examples().items()}
     frames["status_v1_1_with_extra"] = newer_minor_frame()
     for name, frame in frames.items():
         files[f"{name}.msgpack"] = frame

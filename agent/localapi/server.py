@@ -21,6 +21,7 @@ import struct
 import threading
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,10 +66,12 @@ def _status_line(status: int) -> bytes:
 class LocalApiServer:
     """Serves a :class:`ModelHost` on a Unix socket. ``start()`` binds and returns; ``stop()`` drains."""
 
-    def __init__(self, host: ModelHost, config: ApiConfig, *, ready: Callable[[], str] = lambda: "ready") -> None:
+    def __init__(self, host: ModelHost, config: ApiConfig, *, ready: Callable[[], str] = lambda: "ready",
+                 admin: Callable[[], Any] = lambda: None) -> None:
         self._host = host
         self._cfg = config
         self._state = ready
+        self._admin = admin
         self._sock: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._slots = threading.BoundedSemaphore(config.max_connections)
@@ -193,6 +196,8 @@ class LocalApiServer:
 
     def _serve_conn(self, conn: socket.socket) -> None:
         reader = SocketReader(conn)
+        _pid, peer_uid, _gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 _PEERCRED.size))
         # One kernel timeout for every read and write (no per-call poll); idle time is counted in ticks of it.
         tick = min(self._cfg.read_timeout_s, self._cfg.idle_timeout_s)
         set_io_timeout(conn, tick)
@@ -216,7 +221,7 @@ class LocalApiServer:
                 if head is None:
                     return
                 idle = 0.0
-                if not self._handle(conn, reader, head):
+                if not self._handle(conn, reader, head, peer_uid):
                     return
         except (ConnectionError, TimeoutError, OSError) as exc:
             self._count("client_gone")
@@ -228,7 +233,7 @@ class LocalApiServer:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def _handle(self, conn: socket.socket, reader: SocketReader, head: Head) -> bool:
+    def _handle(self, conn: socket.socket, reader: SocketReader, head: Head, peer_uid: int) -> bool:
         """Answer one request; return whether the connection stays open."""
         start = head.start
         if len(start) != 3 or not start[2].startswith("HTTP/1."):
@@ -251,7 +256,8 @@ class LocalApiServer:
             self._count("client_gone")
             return False
         try:
-            status, payload = self._route(method, target, body)
+            status, payload = (self._admin_route(method, target, body, peer_uid) if target.startswith("/v1/admin/")
+                               else self._route(method, target, body))
         except _Reply as r:
             status, payload = r.status, _error_body(r.code, r.message, r.field)
         conn.sendall(message(_status_line(status), payload, close=close))
@@ -285,6 +291,33 @@ class LocalApiServer:
             return 200, json.dumps({**model.describe(), "schema": model.schema.to_dict(),
                                     "stats": model.stats.to_dict()}).encode()
         raise _Reply(404, "not_found", f"no such endpoint: {path}")
+
+    def _admin_route(self, method: str, target: str, body: bytes, peer_uid: int) -> tuple[int, bytes]:
+        """Operator actions: only the agent's own user and root may call them, whatever the socket mode."""
+        if peer_uid not in (0, os.getuid()):
+            self._count("denied_admin")
+            raise _Reply(403, "forbidden", "admin endpoints are for the agent's own user and root only")
+        agent = self._admin()
+        if agent is None:
+            raise _Reply(503, "not_ready", "the agent is not running an admin interface")
+        path = target.split("?", 1)[0]
+        if path == "/v1/admin/install" and method == "POST":
+            try:
+                doc = json.loads(body)
+                bundle = doc["path"]
+                if not isinstance(bundle, str) or not bundle.startswith("/"):
+                    raise ValueError("path must be absolute")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise _Reply(400, "bad_request", f'body must be {{"path": "/absolute/bundle/path"}}: {exc}') from None
+            outcome = agent.install(Path(bundle))  # the answer is the outcome, whatever it is
+            return 200, json.dumps({
+                "status": outcome.status, "model": outcome.model, "version": outcome.version,
+                "reason": outcome.reason, "message": outcome.message}).encode()
+        if path == "/v1/admin/events" and method == "GET":
+            return 200, json.dumps({"events": [
+                {"kind": e.kind, "command_id": e.command_id, "model": e.model, "version": e.version,
+                 "reason": e.reason, "message": e.message} for e in list(agent.events)]}).encode()
+        raise _Reply(404, "not_found", f"no such admin endpoint: {method} {path}")
 
     def _get_model(self, name: str) -> Any:
         try:

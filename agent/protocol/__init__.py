@@ -18,7 +18,8 @@ Quick tour::
         rejected.inc()                                   # reject and count, never crash
 
 Submodules: :mod:`~agent.protocol.errors`, :mod:`~agent.protocol.topics`,
-:mod:`~agent.protocol.messages`, :mod:`~agent.protocol.codec`, :mod:`~agent.protocol.sequence`.
+:mod:`~agent.protocol.messages`, :mod:`~agent.protocol.codec`, :mod:`~agent.protocol.sequence`,
+:mod:`~agent.protocol.deploy` (deployment-event vocabulary).
 """
 
 from agent.protocol.codec import (
@@ -35,6 +36,17 @@ from agent.protocol.codec import (
     from_json,
     to_json,
 )
+from agent.protocol.deploy import (
+    DEPLOY_EVENT_KINDS,
+    DEPLOY_KINDS_REQUIRING_COMMAND,
+    DEPLOY_KINDS_REQUIRING_REASON,
+    DEPLOY_REASONS,
+    REASON_CODE_PATTERN,
+    DeployEvent,
+    DeployReason,
+    is_deploy_event,
+    validate_deploy_event,
+)
 from agent.protocol.errors import (
     DecodeError,
     InvalidFieldError,
@@ -46,6 +58,7 @@ from agent.protocol.errors import (
     UnsupportedSchemaVersionError,
 )
 from agent.protocol.messages import (
+    COMMAND_KINDS,
     ENVELOPE_KEYS,
     MAX_AGENT_VERSION_LEN,
     MAX_NESTING,
@@ -53,6 +66,8 @@ from agent.protocol.messages import (
     MESSAGE_TYPES,
     SCHEMA_VERSION,
     Ack,
+    Command,
+    CommandKind,
     DriftWindow,
     Event,
     Heartbeat,
@@ -100,7 +115,12 @@ from agent.protocol.topics import (
 
 __all__ = [
     "CHANNEL_SPECS",
+    "COMMAND_KINDS",
     "COMPRESS_THRESHOLD",
+    "DEPLOY_EVENT_KINDS",
+    "DEPLOY_KINDS_REQUIRING_COMMAND",
+    "DEPLOY_KINDS_REQUIRING_REASON",
+    "DEPLOY_REASONS",
     "ENVELOPE_KEYS",
     "FRAME_MSGPACK",
     "FRAME_ZLIB",
@@ -116,13 +136,18 @@ __all__ = [
     "PROVISION_PREFIX",
     "PROVISION_QOS",
     "PROVISION_RETAINED",
+    "REASON_CODE_PATTERN",
     "SCHEMA_VERSION",
     "TOPIC_PREFIX",
     "ZLIB_LEVEL",
     "Ack",
     "Channel",
     "ChannelSpec",
+    "Command",
+    "CommandKind",
     "DecodeError",
+    "DeployEvent",
+    "DeployReason",
     "Direction",
     "DriftWindow",
     "Event",
@@ -150,6 +175,7 @@ __all__ = [
     "encode",
     "from_json",
     "from_wire",
+    "is_deploy_event",
     "is_valid_identifier",
     "message_topic",
     "parse_device_topic",
@@ -161,6 +187,7 @@ __all__ = [
     "to_json",
     "to_wire",
     "validate_claim_id",
+    "validate_deploy_event",
     "validate_device_id",
     "validate_identifier",
     "validate_ranges",

@@ -2,7 +2,8 @@
 
 Every message is, on the wire, a map holding:
 
-* ``"t"``: the type tag (``"heartbeat"``, ``"status"``, ``"event"``, ``"drift_window"``, ``"ack"``),
+* ``"t"``: the type tag (``"heartbeat"``, ``"status"``, ``"event"``, ``"drift_window"``, ``"ack"``,
+  ``"command"``),
 * ``"v"``: the schema version ``[major, minor]`` it was written against,
 * one key per field, named exactly like the dataclass attribute (``None`` is sent as nil; every known
   field is always present),
@@ -21,7 +22,7 @@ invalid message cannot exist in memory. Problems raise
 :class:`~agent.protocol.errors.InvalidIdentifierError`) naming the field. Both are
 :class:`~agent.protocol.errors.DecodeError`\\ s. Values are normalised on the way in: ranges and
 ``models`` become tuples, ints given for float fields become floats, and opaque mappings (``detail``,
-``features``, ``slis``, ``extra``) are deep-copied into plain ``dict``/``list`` data. Treat those copies
+``features``, ``slis``, ``order``, ``extra``) are deep-copied into plain ``dict``/``list`` data. Treat those copies
 as read-only.
 
 Opaque plain data is JSON-compatible data: ``None``, ``bool``, ``int`` (in the msgpack range), finite
@@ -49,6 +50,7 @@ from agent.protocol.sequence import MAX_SEQ, SeqRange, validate_ranges, validate
 from agent.protocol.topics import Channel, device_topic, validate_device_id, validate_identifier
 
 __all__ = [
+    "COMMAND_KINDS",
     "ENVELOPE_KEYS",
     "MAX_AGENT_VERSION_LEN",
     "MAX_NESTING",
@@ -56,6 +58,8 @@ __all__ = [
     "MESSAGE_TYPES",
     "SCHEMA_VERSION",
     "Ack",
+    "Command",
+    "CommandKind",
     "DriftWindow",
     "Event",
     "Heartbeat",
@@ -95,6 +99,12 @@ StatusState: TypeAlias = Literal["online", "offline"]
 """Values of ``Status.state``."""
 
 _STATUS_STATES: Final = ("online", "offline")
+
+CommandKind: TypeAlias = Literal["deploy", "cancel"]
+"""Values of ``Command.kind`` (a closed set: adding one is a major schema change)."""
+
+COMMAND_KINDS: Final[frozenset[str]] = frozenset({"deploy", "cancel"})
+"""Every valid ``Command.kind``."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,8 +415,10 @@ class Status(_Wire):
 class Event(_Wire):
     """Something that happened on the device (channel ``events``, stream ``events``, sequenced).
 
-    ``kind`` is a free word matching ``[a-z_]{1,32}`` (the deployment-event vocabulary is defined
-    elsewhere); the optional fields say which command/model it concerns, ``detail`` carries plain data.
+    ``kind`` is a free word matching ``[a-z_]{1,32}``; the deployment-event vocabulary and its rules are
+    in :mod:`agent.protocol.deploy` (:class:`~agent.protocol.deploy.DeployEvent`,
+    :func:`~agent.protocol.deploy.validate_deploy_event`). The optional fields say which command/model it
+    concerns, ``detail`` carries plain data.
     """
 
     TYPE_TAG: ClassVar[str] = "event"
@@ -423,7 +435,8 @@ class Event(_Wire):
     model: str | None = None
     version: int | None = None
     reason: str | None = None
-    """Free text for humans, at most 1024 characters."""
+    """Why it happened, at most 1024 characters. Deployment events put a short stable code here
+    (``signature``, ``crash_loop``...) and human text in ``detail["message"]``."""
     detail: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     schema_version: tuple[int, int] = SCHEMA_VERSION
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
@@ -537,6 +550,54 @@ class Ack(_Wire):
         self._validate_common(self.schema_version, self.extra)
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Command(_Wire):
+    """Server -> device instruction (channel ``commands``): deploy a model version, or cancel a deployment.
+
+    ``order`` is the signed deployment-order **document** ``{"signed": {...}, "signatures": [...]}`` of
+    ``docs/bundle-format.md``, carried as opaque plain data: this contract only checks that it is
+    JSON-compatible; the agent verifies it with ``agent.bundle``. The other fields are unauthenticated
+    routing data (the agent acts only on the verified ``order["signed"]``, and rejects a command whose
+    ``command_id``, ``kind`` or ``device_id`` disagree with it).
+
+    Delivery: the server resends the same ``command_id`` (same ``order``; ``sent_at`` may change) until
+    the device answers with an :class:`Event` carrying that ``command_id`` or the order expires. The
+    device applies each ``command_id`` once: it recognises a repeat by ``command_id`` before the order's
+    replay (sequence) check, never runs a finished command again (it may repeat its recorded answer) and
+    continues, rather than restarts, one it is still working on.
+
+    Values survive the codec unchanged in type and value (ints stay ints, floats floats, strings strings,
+    arrays lists), so ``canonical_json(order["signed"])`` after :func:`~agent.protocol.codec.decode` is
+    the same byte string the server signed.
+    """
+
+    TYPE_TAG: ClassVar[str] = "command"
+    CHANNEL: ClassVar[Channel] = Channel.COMMANDS
+
+    device_id: str
+    command_id: str
+    """Identifies the command (identifier rule); equals ``order["signed"]["command_id"]``. Events
+    answering it carry it in ``Event.command_id``."""
+    kind: CommandKind
+    """``"deploy"`` or ``"cancel"``; equals ``order["signed"]["action"]``."""
+    order: Mapping[str, Any] = dataclasses.field(hash=False)
+    """The signed deployment-order document, opaque plain data (verified by ``agent.bundle``)."""
+    sent_at: float
+    """Server wall clock when this copy was sent, unix seconds (resends carry a new value)."""
+    schema_version: tuple[int, int] = SCHEMA_VERSION
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        _set(self, "device_id", validate_device_id(self.device_id))
+        _set(self, "command_id", validate_identifier(self.command_id, "command id", field="command_id"))
+        if not isinstance(self.kind, str) or self.kind not in COMMAND_KINDS:
+            raise InvalidFieldError(f"{_short_repr(self.kind)} is not 'deploy' or 'cancel'", field="kind")
+        _set(self, "kind", str(self.kind))
+        _set(self, "order", _plain_map(self.order, "order"))
+        _set(self, "sent_at", _check_float(self.sent_at, "sent_at"))
+        self._validate_common(self.schema_version, self.extra)
+
+
 def _check_disjoint(stored: tuple[SeqRange, ...], missing: tuple[SeqRange, ...]) -> None:
     i = j = 0
     while i < len(stored) and j < len(missing):
@@ -551,11 +612,11 @@ def _check_disjoint(stored: tuple[SeqRange, ...], missing: tuple[SeqRange, ...])
             j += 1
 
 
-Message: TypeAlias = Heartbeat | Status | Event | DriftWindow | Ack
+Message: TypeAlias = Heartbeat | Status | Event | DriftWindow | Ack | Command
 """Any message of the contract."""
 
 MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
-    {cls.TYPE_TAG: cls for cls in (Heartbeat, Status, Event, DriftWindow, Ack)}
+    {cls.TYPE_TAG: cls for cls in (Heartbeat, Status, Event, DriftWindow, Ack, Command)}
 )
 """Registry: type tag -> class. ``from_wire``/``decode`` dispatch through it."""
 

@@ -73,7 +73,8 @@ class Channel(enum.StrEnum):
     HEARTBEAT = "heartbeat"
     """Device -> server: periodic :class:`~agent.protocol.messages.Heartbeat` (liveness)."""
     COMMANDS = "commands"
-    """Server -> device: commands (message types defined later)."""
+    """Server -> device: :class:`~agent.protocol.messages.Command` (deploy / cancel, resent until the
+    device answers with an event carrying the ``command_id``)."""
     ACKS = "acks"
     """Server -> device: :class:`~agent.protocol.messages.Ack` of stored stream messages."""
 

@@ -29,6 +29,7 @@ from agent.protocol import (
     SCHEMA_VERSION,
     Ack,
     Channel,
+    Command,
     DecodeError,
     DriftWindow,
     Event,
@@ -187,7 +188,19 @@ def acks(draw: st.DrawFn) -> Ack:
     )
 
 
-messages: st.SearchStrategy[Message] = st.one_of(heartbeats, statuses, events, drift_windows(), acks())
+commands = st.builds(
+    Command,
+    device_id=ids,
+    command_id=ids,
+    kind=st.sampled_from(["deploy", "cancel"]),
+    order=plain_maps,
+    sent_at=times,
+    schema_version=schema_versions,
+    extra=extras,
+)
+
+
+messages: st.SearchStrategy[Message] = st.one_of(heartbeats, statuses, events, drift_windows(), acks(), commands)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,8 +224,8 @@ def test_round_trip_every_type(msg: Message) -> None:
     assert hash(back) == hash(msg)
 
 
-@pytest.mark.parametrize("strategy", [heartbeats, statuses, events, drift_windows(), acks()],
-                         ids=["heartbeat", "status", "event", "drift_window", "ack"])
+@pytest.mark.parametrize("strategy", [heartbeats, statuses, events, drift_windows(), acks(), commands],
+                         ids=["heartbeat", "status", "event", "drift_window", "ack", "command"])
 @settings(max_examples=40)
 @given(data=st.data())
 def test_round_trip_per_type(strategy: st.SearchStrategy[Message], data: st.DataObject) -> None:
@@ -251,10 +264,10 @@ def test_values_are_copied_and_normalised() -> None:
 
 
 def test_message_topic_and_registry() -> None:
-    assert set(MESSAGE_TYPES) == {"heartbeat", "status", "event", "drift_window", "ack"}
+    assert set(MESSAGE_TYPES) == {"heartbeat", "status", "event", "drift_window", "ack", "command"}
     channels = {cls: cls.CHANNEL for cls in MESSAGE_TYPES.values()}
     assert channels == {Heartbeat: Channel.HEARTBEAT, Status: Channel.STATUS, Event: Channel.EVENTS,
-                        DriftWindow: Channel.DRIFT, Ack: Channel.ACKS}
+                        DriftWindow: Channel.DRIFT, Ack: Channel.ACKS, Command: Channel.COMMANDS}
     assert message_topic(decode(golden_bytes("ack"))) == "fleet/v1/cam-0042/acks"
     assert message_topic(Status.offline("cam-1")) == "fleet/v1/cam-1/status"
 
@@ -267,7 +280,7 @@ def test_message_topic_and_registry() -> None:
 def test_golden_set_is_complete() -> None:
     assert set(GOLDEN_NAMES) >= {
         "heartbeat", "status", "status_offline", "event", "drift_window", "drift_window_compressed", "ack",
-        "status_v1_1_with_extra",
+        "status_v1_1_with_extra", "command_deploy", "command_cancel", "event_installed", "event_rolled_back",
     }
     for name in GOLDEN_NAMES:
         assert (GOLDEN / f"{name}.json").is_file()
@@ -282,7 +295,9 @@ def test_golden_byte_stable_and_json_matches(name: str) -> None:
         assert encode(msg, compress=False) == bytes([FRAME_MSGPACK]) + zlib.decompress(data[1:])
         assert encode(msg)[0] == FRAME_ZLIB
     else:
-        assert encode(msg) == data
+        assert encode(msg, compress=False) == data
+        if len(data) - 1 <= COMPRESS_THRESHOLD:
+            assert encode(msg) == data  # small bodies are never compressed by default
     text = (GOLDEN / f"{name}.json").read_text(encoding="utf-8")
     assert from_json(text) == msg
     assert to_json(msg, indent=2) + "\n" == text
@@ -398,7 +413,7 @@ def test_unknown_type_rejected() -> None:
 
 ALL_FIELDS = [
     (name, key)
-    for name in ("heartbeat", "status", "event", "drift_window", "ack")
+    for name in ("heartbeat", "status", "event", "drift_window", "ack", "command_deploy")
     for key in raw_map(name)
 ]
 
@@ -460,6 +475,17 @@ WRONG_TYPES: list[tuple[str, str, object]] = [
     ("ack", "seqs", [[0, 5], [4, 9]]),
     ("ack", "seqs", "0-3"),
     ("ack", "missing", [[-1, 2]]),
+    ("command_deploy", "command_id", "CMD-1"),
+    ("command_deploy", "command_id", "cmd/1"),
+    ("command_deploy", "command_id", None),
+    ("command_deploy", "kind", "rollback"),
+    ("command_deploy", "kind", ["deploy"]),
+    ("command_deploy", "order", [1, 2]),
+    ("command_deploy", "order", None),
+    ("command_deploy", "order", {"signed": {"n": b"\x00"}}),
+    ("command_deploy", "sent_at", "now"),
+    ("command_deploy", "sent_at", -1.0),
+    ("command_deploy", "sent_at", True),
 ]
 
 
@@ -674,9 +700,12 @@ def test_fuzz_mutated_golden_frames(name: str, data: st.DataObject) -> None:
     _decode_or_protocol_error(bytes(frame_bytes))
 
 
-wire_keys = st.sampled_from(["t", "v", "device_id", "models", "seqs", "features", "detail", "stream_seq"])
+wire_keys = st.sampled_from(
+    ["t", "v", "device_id", "models", "seqs", "features", "detail", "stream_seq", "order", "command_id", "kind"]
+)
 wire_values = st.recursive(
-    scalars | st.binary(max_size=4) | st.sampled_from(["heartbeat", "status", "event", "drift_window", "ack"])
+    scalars | st.binary(max_size=4)
+    | st.sampled_from(["heartbeat", "status", "event", "drift_window", "ack", "command", "deploy", "cancel"])
     | st.just([1, 0]),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(wire_keys | st.text(max_size=4), c, max_size=4),
     max_leaves=15,
@@ -752,6 +781,16 @@ CONSTRUCTION_ERRORS: list[tuple[Callable[[], object], type[ProtocolError], str]]
     (lambda: Ack(device_id="d", stream="events", seqs=((0, 5),), missing=((5, 6),)),
      InvalidFieldError, "missing"),
     (lambda: Ack(device_id="d", stream="a/b", seqs=()), InvalidIdentifierError, "stream"),
+    (lambda: Command(device_id="d", command_id="Cmd-1", kind="deploy", order={}, sent_at=0),
+     InvalidIdentifierError, "command_id"),
+    (lambda: Command(device_id="d", command_id="c", kind="reboot", order={}, sent_at=0),  # type: ignore[arg-type]
+     InvalidFieldError, "kind"),
+    (lambda: Command(device_id="d", command_id="c", kind="deploy", order={"signed": {"x": math.inf}}, sent_at=0),
+     InvalidFieldError, "order.signed.x"),
+    (lambda: Command(device_id="d", command_id="c", kind="deploy", order={}, sent_at=math.nan),
+     InvalidFieldError, "sent_at"),
+    (lambda: Command(device_id="d", command_id="c", kind="cancel", order={}, sent_at=0, extra={"order": 1}),
+     InvalidFieldError, "extra"),
 ]
 
 
