@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--socket", type=Path, default=Path("/run/edge-agent/api.sock"), help=sock_help)
     ins.add_argument("--config", type=Path,
                      help="agent config: install offline into its state directory when the agent is not running")
+    rot = sub.add_parser("rotate-root", help="apply the next trust-root version (signed by old and new root keys)")
+    rot.add_argument("path", type=Path, help="the new root.json")
+    rot.add_argument("--socket", type=Path, default=Path("/run/edge-agent/api.sock"), help=sock_help)
     sub.add_parser("provision", help="claim this device's identity with the fleet (not built yet)")
     return p
 
@@ -127,6 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "install":
         return _install(args)
+    if args.command == "rotate-root":
+        from agent.localapi import LocalApiError, LocalClient
+
+        try:
+            with LocalClient(args.socket) as client:
+                doc = client.request("POST", "/v1/admin/trust-root", {"path": str(args.path.resolve())})
+        except LocalApiError as exc:
+            print(f"edge-agent rotate-root: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        if doc.get("status") != "rotated":
+            print(f"edge-agent rotate-root: refused ({doc.get('reason')}): {doc.get('message')}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"trust root rotated to version {doc['version']}")
+        return 0
     if args.command == "provision":
         return not_built_yet("edge-agent", "provision", "MQTT provisioning")
     if args.command == "profiles":

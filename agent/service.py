@@ -136,6 +136,22 @@ class Agent:
                                   message="bundle installs are disabled: set updates.trust_root in the config")
         return self.updater.install_file(path)
 
+    def rotate_root(self, path: Path) -> dict[str, object]:
+        """Apply the next trust-root version (``edge-agent rotate-root``): TUF rules, atomic replacement."""
+        if self.updater is None:
+            return {"status": "rejected", "reason": "disabled", "message": "set updates.trust_root in the config"}
+        from agent.bundle import BundleError
+
+        try:
+            root = self.updater.trust.rotate(path.read_bytes())
+        except OSError as exc:
+            return {"status": "rejected", "reason": "io", "message": f"cannot read {path}: {exc.strerror}"}
+        except BundleError as exc:
+            log.warning("trust root rotation refused: %s", exc)
+            return {"status": "rejected", "reason": exc.reason, "message": str(exc)}
+        log.info("trust root rotated to version %d", root.version, extra={"root_version": root.version})
+        return {"status": "rotated", "version": root.version}
+
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None:
             log.info("received %s; stopping", signal.Signals(signum).name)

@@ -89,14 +89,22 @@ def bench_memory(repeats: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
     cfg = work / "agent.toml"
     cfg.write_text(demo_config_text(work / "state", work / "api.sock", models=("cancer_mlp_int8.onnx",)))
+    from tests.updater.support import Keys
+
+    (work / "root.json").write_bytes(Keys().root_bytes())
+    full = work / "agent-updates.toml"
+    full.write_text(cfg.read_text().replace("api.sock", "api2.sock")
+                    + f'\n[updates]\ntrust_root = "{work}/root.json"\n')
     model = str(MODELS_DIR / "cancer_mlp_int8.onnx")
-    bare, agent, agent_mqtt = [], [], []
+    bare, agent, agent_up, agent_full = [], [], [], []
     for _ in range(repeats):
         bare.append(_measure_rss([BARE, model]))
         agent.append(_measure_rss([AGENT, str(cfg), "plain"]))
-        agent_mqtt.append(_measure_rss([AGENT, str(cfg), "mqtt"]))
+        agent_up.append(_measure_rss([AGENT, str(full), "plain"]))
+        agent_full.append(_measure_rss([AGENT, str(full), "mqtt"]))
     b = statistics.median(bare)
-    for name, vals in (("agent_rss_mib", agent), ("agent_with_mqtt_tls_rss_mib", agent_mqtt)):
+    for name, vals in (("agent_rss_mib", agent), ("agent_with_updates_rss_mib", agent_up),
+                       ("agent_with_updates_mqtt_tls_rss_mib", agent_full)):
         ratios = [v / x for v, x in zip(vals, bare, strict=True)]
         emit("memory", name, value=statistics.median(vals) / 1024,
              baseline="python+numpy+onnxruntime+session (tiny model), RSS MiB", baseline_value=b / 1024,

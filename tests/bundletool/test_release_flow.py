@@ -124,6 +124,19 @@ def test_sideload_into_running_and_stopped_agent(release: Path) -> None:
             r = ea("install", w / "cancer-1.bundle", "--socket", w / "api.sock")
             assert r.returncode == 1 and "rejected (rollback)" in r.stderr
             assert [m["version"] for m in c.models()] == [2]
+            # Rotate the root on the running device: a forged root is refused, the proper chain is applied.
+            assert eb("keygen", "--out", "root-2.pem", cwd=w).returncode == 0
+            args = ["root", "create", "--root", "root-2.pub.json", "--release", "release-1.pub.json",
+                    "release-2.pub.json", "--orders", "orders-1.pub.json", "--release-threshold", "2",
+                    "--version", "2"]
+            assert eb(*args, "--sign", "root-2.pem", "--out", "forged.json", cwd=w).returncode == 0
+            r = ea("rotate-root", w / "forged.json", "--socket", w / "api.sock")
+            assert r.returncode == 1 and "refused (trust_root)" in r.stderr
+            assert eb(*args, "--sign", "root-1.pem", "root-2.pem", "--out", "root-v2.json", cwd=w).returncode == 0
+            r = ea("rotate-root", w / "root-v2.json", "--socket", w / "api.sock")
+            assert r.returncode == 0 and "version 2" in r.stdout, r.stderr
+            stored = json.loads((w / "state" / "keys" / "root.json").read_bytes())
+            assert stored["signed"]["version"] == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

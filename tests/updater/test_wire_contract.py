@@ -99,3 +99,16 @@ def test_event_frames_decode_on_the_server_side(wired: tuple[Device, CommandProc
     assert isinstance(last, Event)
     assert (last.kind, last.reason, last.command_id) == ("rejected", "signature", "cmd-unsigned")
     assert "signature" in last.detail["message"]
+
+
+def test_same_device_report_delivered_twice_counted_once(
+        wired: tuple[Device, CommandProcessor, FleetSim, list]) -> None:
+    d, proc, fleet, sent = wired
+    topic, frame = fleet.command("dev-1", make_bundle(d.keys, version=1), command_id="cmd-dup")
+    proc.on_message(topic, frame)
+    frames = list(sent)
+    _deliver(fleet, sent)
+    for t, b in frames:  # QoS 1 redelivery of every report
+        fleet.receive(t, b)
+    assert fleet.duplicates == len(frames)
+    assert fleet.kinds("dev-1", "cmd-dup") == ["received", "downloading", "verified", "installed", "healthy"]
