@@ -53,6 +53,17 @@ def _error_body(code: str, message: str, field: str | None) -> bytes:
     return json.dumps({"error": err}).encode()
 
 
+def _absolute_path(body: bytes, example: str) -> Path:
+    """The ``{"path": "/absolute/..."}`` body of the admin file actions."""
+    try:
+        value = json.loads(body)["path"]
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ValueError("path must be absolute")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Reply(400, "bad_request", f'body must be {{"path": "{example}"}}: {exc}') from None
+    return Path(value)
+
+
 _STATUS_LINES: dict[int, bytes] = {}
 
 
@@ -302,26 +313,12 @@ class LocalApiServer:
             raise _Reply(503, "not_ready", "the agent is not running an admin interface")
         path = target.split("?", 1)[0]
         if path == "/v1/admin/install" and method == "POST":
-            try:
-                doc = json.loads(body)
-                bundle = doc["path"]
-                if not isinstance(bundle, str) or not bundle.startswith("/"):
-                    raise ValueError("path must be absolute")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise _Reply(400, "bad_request", f'body must be {{"path": "/absolute/bundle/path"}}: {exc}') from None
-            outcome = agent.install(Path(bundle))  # the answer is the outcome, whatever it is
+            outcome = agent.install(_absolute_path(body, "/absolute/bundle/path"))  # the answer is the outcome
             return 200, json.dumps({
                 "status": outcome.status, "model": outcome.model, "version": outcome.version,
                 "reason": outcome.reason, "message": outcome.message}).encode()
         if path == "/v1/admin/trust-root" and method == "POST":
-            try:
-                doc = json.loads(body)
-                root_path = doc["path"]
-                if not isinstance(root_path, str) or not root_path.startswith("/"):
-                    raise ValueError("path must be absolute")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise _Reply(400, "bad_request", f'body must be {{"path": "/absolute/root.json"}}: {exc}') from None
-            return 200, json.dumps(agent.rotate_root(Path(root_path))).encode()
+            return 200, json.dumps(agent.rotate_root(_absolute_path(body, "/absolute/root.json"))).encode()
         if path == "/v1/admin/events" and method == "GET":
             return 200, json.dumps({"events": [
                 {"kind": e.kind, "command_id": e.command_id, "model": e.model, "version": e.version,

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
+from agent.fsutil import fsync_dir
+
 __all__ = ["FetchConfig", "FetchError", "FetchPermanentError", "FetchTransientError", "HttpFetcher"]
 
 log = logging.getLogger("edge_agent.updater.fetch")
@@ -119,15 +121,6 @@ def _file_size(path: Path) -> int:
         return 0
 
 
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory (the names in it: a new partial file survives power loss)."""
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def _fsync_path(path: Path) -> None:
     """fsync ``path`` (the file's data and size) and its directory (the file's name)."""
     fd = os.open(path, os.O_RDONLY)
@@ -135,7 +128,7 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _parse_url(url: str) -> _Target:
@@ -332,7 +325,7 @@ class HttpFetcher:
                     _fsync_path(dest)
                 else:
                     self._receive(resp, sock, dest, offset, expected, on_progress=on_progress)
-                    _fsync_dir(dest.parent)  # the file itself was fsynced before it was closed
+                    fsync_dir(dest.parent)  # the file itself was fsynced before it was closed
             finally:
                 resp.close()
         finally:

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.fsutil import atomic_write
+from agent.fsutil import atomic_write, fsync_dir
 from agent.statedir import DEFAULT_SLOTS, StateLayout, validate_slot_name
 
-__all__ = ["SlotContents", "SlotError", "SlotStore", "StagingWriter", "fsync_dir"]
+__all__ = ["SlotContents", "SlotError", "SlotStore", "StagingWriter"]
 
 _MANIFEST = "manifest.json"
 _SIGNATURES = "signatures.json"
@@ -36,14 +36,6 @@ _FILES = "files"
 
 class SlotError(RuntimeError):
     """A slot is missing, incomplete or does not match its manifest."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)

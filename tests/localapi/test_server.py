@@ -242,7 +242,7 @@ def test_socket_file_mode_restricts_callers(start_agent: Any) -> None:
     assert not mode & 0o007  # no access for 'other'
 
 
-def _as_nobody(sock: Path) -> str:
+def _as_nobody(sock: Path, request: bytes = b"GET /v1/health HTTP/1.1\r\n\r\n") -> str:
     """Connect as user 'nobody' (a forked child drops privileges) and say what happened."""
     r, w = os.pipe()
     pid = os.fork()
@@ -259,7 +259,7 @@ def _as_nobody(sock: Path) -> str:
                 except PermissionError:
                     result = "permission_denied"
                 else:
-                    s.sendall(b"GET /v1/health HTTP/1.1\r\n\r\n")
+                    s.sendall(request)
                     result = s.recv(4096).split(b"\r\n", 1)[0].decode()
         except BaseException as exc:
             result = f"error {exc!r}"
@@ -293,3 +293,24 @@ def test_peer_credentials_allow_list_enforced(start_agent: Any) -> None:
     # The file mode lets 'nobody' in (group nogroup); the SO_PEERCRED allow-list does not.
     assert _as_nobody(agent.config.api.socket_path) == "HTTP/1.1 403 Forbidden"
     assert agent.api.counters["denied_peer"] == 1
+
+
+def test_admin_endpoints_refuse_other_users_even_with_socket_access(start_agent: Any) -> None:
+    _need_root()
+    agent = start_agent(api_extra='socket_mode = "0660"\nsocket_group = "nogroup"', models=("cancer_mlp_int8.onnx",))
+    body = b'{"path": "/etc/passwd"}'
+    req = b"POST /v1/admin/install HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    assert _as_nobody(agent.config.api.socket_path) == "HTTP/1.1 200 OK"  # an app may infer ...
+    assert _as_nobody(agent.config.api.socket_path, req) == "HTTP/1.1 403 Forbidden"  # ... but not administer
+    assert agent.api.counters["denied_admin"] == 1
+
+
+def test_admin_install_with_bad_body_is_a_clear_400(start_agent: Any) -> None:
+    agent = start_agent(models=("cancer_mlp_int8.onnx",))
+    with LocalClient(agent.config.api.socket_path) as c:
+        for body in ({"path": "relative/file"}, {"nopath": 1}):
+            with pytest.raises(LocalApiError) as err:
+                c.request("POST", "/v1/admin/install", body)
+            assert err.value.status == 400 and "absolute" in err.value.message
+        out = c.request("POST", "/v1/admin/install", {"path": "/nonexistent.bundle"})
+        assert (out["status"], out["reason"]) == ("rejected", "disabled")  # no trust root configured here
