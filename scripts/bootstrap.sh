@@ -23,7 +23,7 @@ apt_install() {  # apt_install PACKAGE...
 }
 
 need_command() {  # need_command COMMAND DEBIAN_PACKAGE
-  command -v "$1" >/dev/null 2>&1 || { echo "bootstrap: installing $2 (for $1)"; apt_install "$2"; }
+  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] || { echo "bootstrap: installing $2 (for $1)"; apt_install "$2"; }
 }
 
 command -v "$PY" >/dev/null 2>&1 || die "python3 not found: install Python 3.11 or newer"

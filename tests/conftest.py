@@ -16,6 +16,9 @@ from agent.profiles import FirmwareProfile, builtin_profiles_dir, resolve_profil
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Fixtures that start real services (brokers, PostgreSQL) on free ports.
+pytest_plugins = ["tests.services.mqtt", "tests.services.postgres"]
+
 
 def profile(name: str = "generic-x86-64") -> FirmwareProfile:
     return resolve_profile(name, builtin_profiles_dir())

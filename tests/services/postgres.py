@@ -1,0 +1,1 @@
+"""A throwaway PostgreSQL cluster fixture. Filled in by the fleet-server work."""
