@@ -129,6 +129,9 @@ def test_demo_runs_end_to_end() -> None:
     assert r.returncode == 0, r.stderr
     assert "accuracy on these rows" in r.stdout
     assert "HTTP 422 non_finite" in r.stdout
+    assert "-> cancer-mlp@2: healthy" in r.stdout and " 0 failed; now serving cancer-mlp@2" in r.stdout
+    assert "(one byte flipped) -> rejected (digest)" in r.stdout
+    assert "(an older version) -> rejected (rollback)" in r.stdout
     assert "agent stopped with SIGTERM (exit code 0)" in r.stdout
 
 

@@ -170,88 +170,44 @@ def _rows_from(path: Path) -> Any:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from agent.bundle import BundleError
+    from agent.bundletool.build import BuildOptions, build_bundle
+    from agent.model import SchemaError
+    from agent.runtime import ModelLoadError
 
-    from agent.bundle import BundleError, build_manifest, canonical_json, write_bundle
-    from agent.drift import Edges, NumericHistogram, Summary
-    from agent.model import ModelSchema, SchemaError
-    from agent.profiles import builtin_profiles_dir, load_profiles
-
-    model_bytes = _read(args.model, "model")
-    runtime = {".onnx": "onnx", ".tflite": "tflite"}.get(args.model.suffix)
-    if runtime is None:
-        raise _die(f"{args.model}: the model must be a .onnx or .tflite file")
-    try:
-        schema_doc = json.loads(_read(args.schema, "schema"))
-        schema_doc.update(model=args.name, version=args.version, runtime=runtime)
-        schema = ModelSchema.from_dict(schema_doc)
-    except (ValueError, SchemaError) as exc:
-        raise _die(f"{args.schema}: {exc}") from None
-    reference = _rows_from(args.reference)
-    feats = schema.inputs[0].features
-    if reference.ndim != 2 or reference.shape[1] != len(feats):
-        raise _die(f"{args.reference}: reference data must be rows x {len(feats)} features "
-                   f"(got shape {list(reference.shape)})")
-    baseline = Summary({f.name: NumericHistogram.from_values(Edges.quantiles(reference[:, i], args.bins),
-                                                              reference[:, i]) for i, f in enumerate(feats)})
-    samples = _rows_from(args.health_samples)[: args.health_rows]
-    expected = _run_model(args.model, schema, samples)
-    profiles = args.profiles.split(",") if args.profiles else sorted(
-        name for name, p in load_profiles(builtin_profiles_dir()).items()
-        if p.supports_runtime(runtime) and p.supports_quantization(schema.quantization)
-        and len(model_bytes) <= p.limits.max_model_bytes)
-    metadata: dict[str, Any] = {"built_by": f"edge-bundle {__version__}"}
+    metadata: dict[str, Any] = {}
     for kv in args.metadata:
         k, _, v = kv.partition("=")
         metadata[k] = v
     if args.model_card:
         metadata["model_card"] = _read(args.model_card, "model card").decode("utf-8", "replace")
-    model_file = f"model{args.model.suffix}"
-    now = int(time.time())
+    if args.model.suffix not in (".onnx", ".tflite"):
+        raise _die(f"{args.model}: the model must be a .onnx or .tflite file")
+    _read(args.model, "model")
     try:
-        manifest = build_manifest(
-            model=args.name, version=args.version, created_at=now, expires_at=now + int(args.expires_days * DAY),
-            runtime=runtime, profiles=profiles, model_file=model_file, files=[(model_file, model_bytes)],
-            schema=schema.to_dict(),
-            drift={"baseline": baseline.to_dict(), "thresholds": {"psi_warn": args.psi_warn,
-                                                                   "psi_alert": args.psi_alert,
-                                                                   "min_samples": args.min_samples}},
-            health={"inputs": {schema.inputs[0].name: samples.tolist()},
-                    "expected": {k: v.tolist() for k, v in expected.items()}, "atol": args.atol,
-                    "top1_must_match": True, "latency_budget_ms": args.latency_budget_ms, "soak_s": args.soak_s,
-                    "max_error_rate": args.max_error_rate},
-            metadata=metadata)
-        manifest_bytes = canonical_json(manifest)
-        signers = [_load_signing_key(p) for p in args.sign]
-        from agent.bundle import MANIFEST_PREFIX
-
-        sigs = [{"keyid": k.public.keyid, "sig": k.sign(MANIFEST_PREFIX + manifest_bytes)} for k in signers]
-        buf = io.BytesIO()
-        write_bundle(buf, manifest_bytes, sigs, [(model_file, model_bytes)])
+        schema_doc = json.loads(_read(args.schema, "schema"))
+    except ValueError as exc:
+        raise _die(f"{args.schema} is not JSON: {exc}") from None
+    options = BuildOptions(bins=args.bins, atol=args.atol, latency_budget_ms=args.latency_budget_ms,
+                           soak_s=args.soak_s, max_error_rate=args.max_error_rate, psi_warn=args.psi_warn,
+                           psi_alert=args.psi_alert, min_samples=args.min_samples, expires_days=args.expires_days,
+                           profiles=args.profiles.split(",") if args.profiles else None, metadata=metadata)
+    signers = [_load_signing_key(p) for p in args.sign]
+    try:
+        built = build_bundle(model=args.model, schema_doc=schema_doc, name=args.name, version=args.version,
+                             reference=_rows_from(args.reference),
+                             health_rows=_rows_from(args.health_samples)[: args.health_rows],
+                             signers=signers, options=options)
+    except (ValueError, SchemaError) as exc:
+        raise _die(str(exc)) from None
+    except ModelLoadError as exc:
+        raise _die(f"cannot run {args.model} to compute the health-check outputs: {exc}") from None
     except BundleError as exc:
         raise _die(f"cannot build the bundle: {exc}") from None
-    _write_new(args.out, buf.getvalue())
-    print(f"wrote {args.out}: {args.name}@{args.version} ({runtime}, {len(buf.getvalue())} bytes), "
-          f"digest {hashlib.sha256(manifest_bytes).hexdigest()}, {len(sigs)} signature(s), "
-          f"profiles {', '.join(profiles)}")
+    _write_new(args.out, built.data)
+    print(f"wrote {args.out}: {args.name}@{args.version} ({len(built.data)} bytes), digest {built.digest}, "
+          f"{built.signatures} signature(s), profiles {', '.join(built.profiles)}")
     return 0
-
-
-def _run_model(path: Path, schema: Any, rows: Any) -> dict[str, Any]:
-    """Expected health-check outputs come from the real runtime the device will use."""
-    import numpy as np
-
-    from agent.profiles import builtin_profiles_dir, resolve_profile
-    from agent.runtime import ModelHost, ModelLoadError, ModelSpec
-
-    host = ModelHost(resolve_profile("generic-x86-64", builtin_profiles_dir()))
-    try:
-        m = host.load(ModelSpec(path, schema))
-        x = np.asarray(rows, dtype=m.checker.dtype_of(schema.inputs[0].name))
-        return m.backend.run({schema.inputs[0].name: x})
-    except ModelLoadError as exc:
-        raise _die(f"cannot run {path} to compute the health-check outputs: {exc}") from None
-    finally:
-        host.close()
 
 
 def cmd_sign(args: argparse.Namespace) -> int:

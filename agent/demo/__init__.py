@@ -30,7 +30,7 @@ DEMO_MODELS = ("cancer_mlp_int8.onnx", "digits_mlp_int8.onnx", "digits_int8.tfli
 
 
 def demo_config_text(state_dir: Path, socket_path: Path, *, profile: str | None = None,
-                     models: tuple[str, ...] = DEMO_MODELS) -> str:
+                     models: tuple[str, ...] = DEMO_MODELS, trust_root: Path | None = None) -> str:
     """A complete agent config serving the bundled demo models (also used by tests and benchmarks)."""
     if profile is None:
         profile = "generic-x86-64" if platform.machine() in ("x86_64", "AMD64") else "raspberry-pi-4"
@@ -47,7 +47,79 @@ def demo_config_text(state_dir: Path, socket_path: Path, *, profile: str | None 
     ]
     for m in models:
         lines += ["[[models]]", f'path = "{MODELS_DIR / m}"', ""]
+    if trust_root is not None:
+        lines += ["[updates]", f'trust_root = "{trust_root}"', ""]
     return "\n".join(lines)
+
+
+def _make_trust(work: Path) -> Any:
+    """Demo keys: a root key signs a trust root naming one release key and one order key."""
+    from agent.bundle import ROOT_PREFIX, SigningKey, make_root_signed, sign_document
+
+    root_key, release, orders = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    signed = make_root_signed(version=1, expires_at=int(time.time() + 365 * 86400),
+                              keys={"root": [root_key.public], "release": [release.public],
+                                    "orders": [orders.public]},
+                              thresholds={"root": 1, "release": 1, "orders": 1})
+    (work / "root.json").write_bytes(sign_document(signed, ROOT_PREFIX, [root_key]))
+    return release
+
+
+def _signed_update(client: LocalClient, socket_path: Path, work: Path, release_key: Any) -> None:
+    """Sideload a signed v2 while apps keep calling; then show a tampered and an older bundle refused."""
+    import numpy as np
+
+    from agent.bundletool.build import BuildOptions, build_bundle
+
+    stem = "cancer_mlp_int8"
+    samples = json.loads((MODELS_DIR / f"{stem}.samples.json").read_text())
+    rows = np.asarray(samples["inputs"]["features"], dtype=np.float64)
+    schema = json.loads((MODELS_DIR / f"{stem}.schema.json").read_text())
+    opts = BuildOptions(soak_s=0.0, latency_budget_ms=200.0, bins=8)
+
+    def bundle(version: int) -> Path:
+        built = build_bundle(model=MODELS_DIR / f"{stem}.onnx", schema_doc=schema, name="cancer-mlp",
+                             version=version, reference=rows, health_rows=rows[:4], signers=[release_key],
+                             options=opts)
+        path = work / f"cancer-mlp-{version}.bundle"
+        path.write_bytes(built.data)
+        return path
+
+    print("\n== a signed update, installed while 4 apps keep calling ==")
+    v2 = bundle(2)
+    print(f"  built {v2.name}: signed by the release key (docs/release-flow.md does this with edge-bundle)")
+    stop = threading.Event()
+    calls = [0, 0]
+
+    def app() -> None:
+        with LocalClient(socket_path) as c:
+            while not stop.is_set():
+                try:
+                    c.infer("cancer-mlp", {"features": [samples["inputs"]["features"][0]]})
+                    calls[0] += 1
+                except LocalApiError:
+                    calls[1] += 1
+
+    apps = [threading.Thread(target=app) for _ in range(4)]
+    for t in apps:
+        t.start()
+    time.sleep(0.2)
+    out = client.request("POST", "/v1/admin/install", {"path": str(v2)})
+    time.sleep(0.2)
+    stop.set()
+    for t in apps:
+        t.join()
+    print(f"  install {v2.name} -> {out['model']}@{out['version']}: {out['status']}: {out['message']}")
+    print(f"  during the update: {calls[0]} requests served, {calls[1]} failed; now serving "
+          f"cancer-mlp@{client.infer('cancer-mlp', {'features': [samples['inputs']['features'][0]]})['version']}")
+    tampered = work / "cancer-mlp-2-tampered.bundle"
+    data = bytearray(v2.read_bytes())
+    data[len(data) - 1024 - 1000] ^= 0x01  # inside the model file (the tar ends with two 512-byte zero blocks)
+    tampered.write_bytes(bytes(data))
+    older = bundle(1)
+    for path, what in ((tampered, "one byte flipped"), (older, "an older version")):
+        out = client.request("POST", "/v1/admin/install", {"path": str(path)})
+        print(f"  install {path.name} ({what}) -> {out['status']} ({out['reason']}):\n      {out['message']}")
 
 
 def _classify(client: LocalClient, model: str, samples: dict[str, Any]) -> None:
@@ -113,7 +185,8 @@ def run_demo(*, keep: bool = False) -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     sock = work / "api.sock"
     cfg = work / "agent.toml"
-    cfg.write_text(demo_config_text(work / "state", sock))
+    release_key = _make_trust(work)
+    cfg.write_text(demo_config_text(work / "state", sock, trust_root=work / "root.json"))
     log_path = work / "agent.log"
     print(f"edge-agent demo: starting an agent (config {cfg}, log {log_path})")
     with open(log_path, "wb") as log_file:
@@ -135,10 +208,11 @@ def run_demo(*, keep: bool = False) -> int:
             first = json.loads((MODELS_DIR / f"{Path(DEMO_MODELS[0]).stem}.samples.json").read_text())
             _show_refusals(client, first["model"], first)
             _concurrent(sock, first["model"], first)
+            _signed_update(client, sock, work, release_key)
             stats = client.stats()
             print("\n== what the agent counted ==")
             for name, s in stats["models"].items():
-                print(f"  {name}: {s['requests']} requests, {s['ok']} ok, errors {s['errors'] or '{}'}, "
+                print(f"  {name}@{s['version']}: {s['requests']} requests, {s['ok']} ok, errors {s['errors'] or '{}'}, "
                       f"{s['batches']} micro-batches covering {s['batched_requests']} requests")
         code = 0
     except (LocalApiError, RuntimeError, OSError) as exc:

@@ -372,7 +372,7 @@ class Updater:
         log.info("health check passed for %s@%d: %s; soaking %.0f s", model, manifest.version, result.message,
                  manifest.health.soak_s)
         if manifest.health.soak_s <= 0:
-            return self._commit(model)
+            return self._commit(model, f"health check passed ({result.message}); no soak window")
         return InstallOutcome("soaking", model, manifest.version, message=result.message)
 
     def tick(self) -> list[InstallOutcome]:
