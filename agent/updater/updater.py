@@ -469,6 +469,9 @@ class Updater:
 
         part = self.layout.downloads / f"{order.bundle_digest}.part"
         part.parent.mkdir(parents=True, exist_ok=True)
+        for stale in part.parent.glob("*.part"):  # one download at a time: older partials are abandoned
+            if stale != part:
+                stale.unlink(missing_ok=True)
         self._emit(UpdateEvent("downloading", order.command_id, order.model, order.version,
                                detail={"length": order.bundle_length}))
 

@@ -63,6 +63,14 @@ def test_order_deploys_bundle_with_events_in_order(dev: Device, fleet: Fleet) ->
     assert not any((dev.state / "downloads").iterdir())  # the download is removed once installed
 
 
+def test_abandoned_partial_downloads_are_cleaned_up(dev: Device, fleet: Fleet) -> None:
+    downloads = dev.state / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    (downloads / ("ab" * 32 + ".part")).write_bytes(b"x" * 1000)  # from an order that never completed
+    assert dev.updater.handle_order(fleet.order(make_bundle(dev.keys, version=1))).status == "healthy"
+    assert list(downloads.iterdir()) == []
+
+
 def test_resent_command_applied_once(dev: Device, fleet: Fleet, sim: FleetHttpSim) -> None:
     data = make_bundle(dev.keys, version=1)
     order = fleet.order(data, command_id="cmd-once")
