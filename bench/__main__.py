@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHES = ["bench.inference", "bench.process", "bench.download", "bench.bundle", "bench.hotswap", "bench.rollout_policy"]
+BENCHES = ["bench.inference", "bench.process", "bench.download", "bench.bundle", "bench.hotswap", "bench.rollout_policy", "bench.drift"]
 
 
 def main() -> int:

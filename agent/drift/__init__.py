@@ -33,6 +33,33 @@ from agent.drift.errors import (
 )
 from agent.drift.layout import LAYOUT_VERSION, FeatureSummary, Summary, feature_from_dict
 from agent.drift.numeric import NUMERIC_KIND, NumericHistogram
+from agent.drift.scores import (
+    DEFAULT_PSI_EPS,
+    LEVELS,
+    ChiSquareResult,
+    DriftReport,
+    DriftScorer,
+    DriftThresholds,
+    FeatureScore,
+    Hysteresis,
+    HysteresisState,
+    InvalidThresholdsError,
+    Level,
+    Metric,
+    StateLevel,
+    chi2_sf,
+    chi_square,
+    js_distance,
+    ks_binned,
+    nan_rate_delta,
+    psi,
+    psi_counts,
+    regularized_upper_gamma,
+    score_many,
+    score_merged,
+    score_summary,
+    wasserstein1,
+)
 
 __all__ = [
     "CATEGORICAL_KIND",
@@ -59,4 +86,33 @@ __all__ = [
     "Summary",
     "UnsupportedLayoutError",
     "feature_from_dict",
+]
+
+# Drift scores (agent.drift.scores).
+__all__ += [
+    "DEFAULT_PSI_EPS",
+    "LEVELS",
+    "ChiSquareResult",
+    "DriftReport",
+    "DriftScorer",
+    "DriftThresholds",
+    "FeatureScore",
+    "Hysteresis",
+    "HysteresisState",
+    "InvalidThresholdsError",
+    "Level",
+    "Metric",
+    "StateLevel",
+    "chi2_sf",
+    "chi_square",
+    "js_distance",
+    "ks_binned",
+    "nan_rate_delta",
+    "psi",
+    "psi_counts",
+    "regularized_upper_gamma",
+    "score_many",
+    "score_merged",
+    "score_summary",
+    "wasserstein1",
 ]
