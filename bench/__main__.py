@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHES = ["bench.inference", "bench.process", "bench.download", "bench.bundle", "bench.hotswap", "bench.rollout_policy", "bench.drift"]
+BENCHES = [
+    "bench.inference", "bench.process", "bench.download", "bench.bundle", "bench.hotswap", "bench.rollout_policy",
+    "bench.drift", "bench.server_ingest", "bench.telemetry",
+]
 
 
 def main() -> int:

@@ -32,7 +32,7 @@ def test_help_and_version(prog: str) -> None:
 
 
 @pytest.mark.parametrize(("prog", "cmd"), [("edge-agent", "provision"), ("fleet-server", "serve"),
-                                           ("fleet-server", "db")])
+                                           ("fleet-server", "demo")])
 def test_unbuilt_subcommand_says_so(prog: str, cmd: str) -> None:
     r = run(PROGRAMS[prog], cmd)
     assert r.returncode == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +28,21 @@ from agent.runtime.backend import Backend
 from agent.runtime.batcher import CombiningBatcher
 from agent.runtime.errors import InferenceFailedError, ModelLoadError, UnknownModelError
 
-__all__ = ["InferResult", "LoadedModel", "ModelHost", "ModelSpec", "current_rss_bytes", "load_schema_file"]
+__all__ = [
+    "ErrorObserver", "InferObserver", "InferResult", "LoadedModel", "ModelHost", "ModelSpec", "current_rss_bytes",
+    "load_schema_file",
+]
 
 Arrays = Mapping[str, npt.NDArray[Any]]
+InferObserver = Callable[[Arrays, dict[str, npt.NDArray[Any]], float, ServedFlags | None], None]
+"""``observer(inputs, outputs, latency_s, flags)``: called on the request's thread after each successful ``infer``.
+
+``latency_s`` covers the schema check, queueing in the batcher and the runtime call; ``flags`` are the served
+out-of-range / non-finite features (``None`` for a clean request). It must be cheap (keep references, do the work
+elsewhere) and must not keep the request waiting; an exception it raises is logged and swallowed."""
+ErrorObserver = Callable[[str], None]
+"""``observer_error(code)``: called for every request counted as an error (same ``code`` as ``ModelStats.errors``)."""
+_perf_counter = time.perf_counter
 _RUNTIME_OF_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
 # Rough cost of a loaded model relative to its file size (weights, arena, session); checked before loading.
 _LOAD_COST_FACTOR = 3
@@ -101,7 +114,11 @@ class ModelStats:
 
 
 class LoadedModel:
-    """One model version: schema checker + runtime backend + batcher + counters."""
+    """One model version: schema checker + runtime backend + batcher + counters.
+
+    ``observer`` / ``observer_error`` (both ``None`` by default) let telemetry see every request without the host
+    knowing about it (``agent.telemetry`` attaches them); with none set the hot path pays two attribute checks.
+    """
 
     def __init__(self, spec: ModelSpec, backend: Backend, *, max_batch: int, max_pending: int, rss_cost: int) -> None:
         self.spec = spec
@@ -113,6 +130,8 @@ class LoadedModel:
         self.rss_cost = rss_cost
         self.stats = ModelStats()
         self._stats_lock = threading.Lock()
+        self.observer: InferObserver | None = None
+        self.observer_error: ErrorObserver | None = None
         self.batcher: CombiningBatcher[Arrays, dict[str, npt.NDArray[Any]]] = CombiningBatcher(
             backend.run, self._run_batch, max_batch=max_batch if backend.dynamic_batch else 1,
             max_pending=max_pending, name=self.name,
@@ -137,6 +156,8 @@ class LoadedModel:
         return [{k: v[bounds[i] : bounds[i + 1]] for k, v in out.items()} for i in range(len(items))]
 
     def infer(self, inputs: Arrays) -> InferResult:
+        observer = self.observer
+        started = _perf_counter() if observer is not None else 0.0
         try:
             flags = self.checker.check(inputs)
             outputs = self.batcher.submit(inputs)
@@ -152,12 +173,23 @@ class LoadedModel:
             if flags is not None:
                 self.stats.served_out_of_range.update(flags.out_of_range)
                 self.stats.served_non_finite.update(flags.non_finite)
+        if observer is not None:
+            try:
+                observer(inputs, outputs, _perf_counter() - started, flags)
+            except Exception:  # telemetry must never fail a request that was served
+                log.exception("inference observer of %s failed", self.name)
         return InferResult(self.name, self.version, outputs, flags)
 
     def count_error(self, code: str) -> None:
         with self._stats_lock:
             self.stats.requests += 1
             self.stats.errors[code] += 1
+        observer_error = self.observer_error
+        if observer_error is not None:
+            try:
+                observer_error(code)
+            except Exception:  # telemetry must never change how a request fails
+                log.exception("error observer of %s failed", self.name)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,82 @@
+"""The FastAPI application, built by :func:`create_app` from a settings object (nothing at import time).
+
+Probes (no authentication, for load balancers and orchestrators):
+
+* ``GET /healthz``: the process serves HTTP (liveness).
+* ``GET /readyz``: the database answers and its schema is at the packaged migration head (readiness);
+  503 otherwise, with the reason.
+
+Everything else lives under ``/api/v1`` and requires a role (:func:`fleet_server.api.require_role`).
+``GET /metrics`` (role ``viewer``) exposes the ingestion counters in the Prometheus text format when an
+ingestion service runs in the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy.engine import Engine
+
+from agent import __version__
+from fleet_server.api import Principal, require_role
+from fleet_server.api.drift import router as drift_router
+from fleet_server.db import DatabaseUnavailableError, create_db_engine, ping, session_factory
+from fleet_server.ingest import IngestMetrics
+from fleet_server.migrate import current_revision, head_revision
+from fleet_server.settings import FleetSettings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: FleetSettings, *, engine: Engine | None = None,
+               metrics: IngestMetrics | None = None) -> FastAPI:
+    """Build the app. ``engine`` defaults to one made from ``settings.database_url`` (disposed at shutdown);
+    ``metrics`` are the counters of an ingestion service running alongside, if any."""
+    owned = engine is None
+    db = engine if engine is not None else create_db_engine(
+        settings.database_url, busy_timeout_ms=settings.database_busy_timeout_ms,
+        pool_size=settings.database_pool_size)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            db.dispose()
+
+    app = FastAPI(title="fleet-server", version=__version__, lifespan=lifespan,
+                  description="Device registry, staged rollouts and telemetry for edge-agent fleets.")
+    app.state.settings = settings
+    app.state.engine = db
+    app.state.sessions = session_factory(db)
+    app.state.metrics = metrics
+    head = head_revision()
+
+    @app.get("/healthz", tags=["probes"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", tags=["probes"])
+    def readyz(request: Request) -> Response:
+        eng: Engine = request.app.state.engine
+        try:
+            ping(eng)
+            current = current_revision(eng)
+        except DatabaseUnavailableError as exc:
+            return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
+        if current != head:
+            return JSONResponse({"status": "unavailable", "database": "ok",
+                                 "schema": f"at {current}, expected {head}: run 'fleet-server db upgrade'"},
+                                status_code=503)
+        return JSONResponse({"status": "ok", "database": "ok", "schema": current})
+
+    @app.get("/metrics", tags=["probes"], response_class=PlainTextResponse)
+    def prometheus(request: Request, _: Annotated[Principal, Depends(require_role("viewer"))]) -> Any:
+        m: IngestMetrics | None = request.app.state.metrics
+        return PlainTextResponse(m.prometheus() if m is not None else "", media_type="text/plain; version=0.0.4")
+
+    app.include_router(drift_router)
+    return app
