@@ -18,7 +18,10 @@ from typing import Any
 
 from agent.protocol import InvalidIdentifierError, validate_device_id
 
-__all__ = ["AgentConfig", "ApiConfig", "ConfigError", "ModelEntry", "UpdatesConfig", "load_config", "parse_config"]
+__all__ = [
+    "AgentConfig", "ApiConfig", "ConfigError", "ModelEntry", "MqttConfig", "TelemetryConfig", "UpdatesConfig",
+    "load_config", "parse_config",
+]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
@@ -69,6 +72,28 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """The fleet connection. Without ``[mqtt]`` the agent works offline: no telemetry leaves the device."""
+
+    host: str
+    port: int | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = 60
+    drain_rate: float = 20.0
+    ack_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    window_s: float = 300.0
+    window_samples: int = 10_000
+    outbox_max_bytes: int = 32 << 20
+    outbox_max_age_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     device_id: str
     state_dir: Path
@@ -79,6 +104,8 @@ class AgentConfig:
     log_level: str = "info"
     log_format: str = "json"
     updates: UpdatesConfig = UpdatesConfig()
+    mqtt: MqttConfig | None = None
+    telemetry: TelemetryConfig = TelemetryConfig()
 
 
 class _Reader:
@@ -167,7 +194,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"is not valid TOML: {exc}") from None
     top = _Reader(source, "", doc, base, {"device_id", "state_dir", "profile", "profiles_dir", "log_level",
-                                          "log_format", "api", "models", "updates"})
+                                          "log_format", "api", "models", "updates", "mqtt", "telemetry"})
     device_id = top.string("device_id", required=True)
     assert device_id is not None
     try:
@@ -224,9 +251,30 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         crash_loop_limit=up.integer("crash_loop_limit", 3, 1, 100),
         tick_s=up.number("tick_s", 1.0, 0.05, 60.0),
     )
+    mqtt: MqttConfig | None = None
+    if "mqtt" in doc:
+        mq = _Reader(source, "mqtt.", top.table_of("mqtt"), base, {f.name for f in fields(MqttConfig)})
+        host = mq.string("host", required=True)
+        assert host is not None
+        port_raw = mq.table.get("port")
+        tls = [mq.path(k) for k in ("ca_file", "cert_file", "key_file")]
+        if (tls[1] is None) != (tls[2] is None):
+            raise mq.fail("cert_file", "cert_file and key_file go together (the device's certificate and its key)")
+        mqtt = MqttConfig(host=host, port=None if port_raw is None else mq.integer("port", 1883, 1, 65535),
+                          ca_file=tls[0], cert_file=tls[1], key_file=tls[2],
+                          keepalive_s=mq.integer("keepalive_s", 60, 5, 3600),
+                          drain_rate=mq.number("drain_rate", 20.0, 0.1, 10_000.0),
+                          ack_timeout_s=mq.number("ack_timeout_s", 30.0, 0.1, 3600.0))
+    te = _Reader(source, "telemetry.", top.table_of("telemetry"), base, {f.name for f in fields(TelemetryConfig)})
+    telemetry = TelemetryConfig(
+        window_s=te.number("window_s", 300.0, 0.1, 86400.0),
+        window_samples=te.integer("window_samples", 10_000, 1, 10_000_000),
+        outbox_max_bytes=te.integer("outbox_max_bytes", 32 << 20, 1 << 16, 1 << 34),
+        outbox_max_age_s=te.number("outbox_max_age_s", 7 * 86400.0, 60.0, 365 * 86400.0),
+    )
     assert state_dir is not None and profile is not None and log_level is not None and log_format is not None
     return AgentConfig(device_id, state_dir, profile, api, tuple(models), profiles_dir, log_level, log_format,
-                       updates)
+                       updates, mqtt, telemetry)
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -17,7 +18,7 @@ import time
 from collections import deque
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import AgentConfig
@@ -65,6 +66,13 @@ class Agent:
         self.events: deque[UpdateEvent] = deque(maxlen=256)
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        # Telemetry and the fleet connection (only with [mqtt]); created in start().
+        self.outbox: Any = None
+        self.hub: Any = None
+        self.mqtt: Any = None
+        self.commands: Any = None
+        self._command_queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
+        self.commands_dropped = 0
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> Agent:
@@ -79,7 +87,8 @@ class Agent:
 
             agent.updater = Updater(
                 device_id=config.device_id, layout=StateLayout(config.state_dir), host=host, profile=profile,
-                events=agent.events.append, settings=UpdateSettings(crash_loop_limit=config.updates.crash_loop_limit),
+                events=agent.on_update_event,
+                settings=UpdateSettings(crash_loop_limit=config.updates.crash_loop_limit),
             )
         return agent
 
@@ -91,6 +100,8 @@ class Agent:
         layout.keys.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not layout.layout_marker.exists():
             atomic_write(layout.layout_marker, f"{LAYOUT_VERSION}\n".encode())
+        if self.config.mqtt is not None:
+            self._start_telemetry(layout)
         installed: list[str] = []
         if self.updater is not None:
             assert self.config.updates.trust_root is not None
@@ -109,6 +120,8 @@ class Agent:
             self._ticker = threading.Thread(target=self._tick_loop, name="updater-tick", daemon=True)
             self._ticker.start()
         self.api.start()
+        if self.mqtt is not None:
+            self.mqtt.start()
         self.state = "ready"
         sd_notify(f"READY=1\nSTATUS=serving {len(self.host.models())} model(s)")
         log.info(
@@ -118,6 +131,72 @@ class Agent:
             extra={"device_id": self.config.device_id, "profile": self.profile.name,
                    "ready_ms": round((time.monotonic() - started) * 1000, 1)},
         )
+
+    def on_update_event(self, event: UpdateEvent) -> None:
+        """Deployment events: kept for the admin API and, with a fleet connection, queued in the outbox."""
+        self.events.append(event)
+        if self.commands is not None:
+            self.commands.publish_event(event)
+
+    def _start_telemetry(self, layout: StateLayout) -> None:
+        """Outbox (durable, acknowledged by the server), drift windows, and the MQTT connection."""
+        from agent.telemetry import TelemetryHub, WindowPolicy
+        from agent.telemetry.mqtt import AgentMqtt, MqttSettings, TlsSettings
+        from agent.telemetry.outbox import Outbox, OutboxLimits
+
+        mq, tel = self.config.mqtt, self.config.telemetry
+        assert mq is not None
+        self.outbox = Outbox(layout.outbox_db, limits=OutboxLimits(max_bytes=tel.outbox_max_bytes,
+                                                                   max_age_s=tel.outbox_max_age_s)).open()
+        outbox = self.outbox
+        self.hub = TelemetryHub(device_id=self.config.device_id,
+                                on_closed=lambda w: outbox.append("drift", w.encode),
+                                policy=WindowPolicy(max_seconds=tel.window_s, max_samples=tel.window_samples))
+        self.hub.start()
+        updater = self.updater
+        self.host.listeners.append(
+            lambda m: self.hub.attach(m, baseline=updater.baseline_for(m.name) if updater else None))
+        on_command = None
+        if updater is not None:
+            from agent.updater.commands import CommandProcessor
+
+            self.commands = CommandProcessor(device_id=self.config.device_id, updater=updater,
+                                             sink=lambda make: outbox.append("events", make))
+            on_command = self._queue_command
+            threading.Thread(target=self._command_loop, name="commands", daemon=True).start()
+        tls = TlsSettings(mq.ca_file, mq.cert_file, mq.key_file) if mq.ca_file or mq.cert_file else None
+        self.mqtt = AgentMqtt(
+            MqttSettings(host=mq.host, device_id=self.config.device_id, port=mq.port, tls=tls,
+                         keepalive_s=mq.keepalive_s, drain_rate=mq.drain_rate, ack_timeout_s=mq.ack_timeout_s,
+                         agent_version=__version__),
+            outbox, on_command=on_command, models=self._model_states)
+
+    def _model_states(self) -> list[Any]:
+        from agent.protocol import ModelState
+
+        return [ModelState(name=m.name, version=m.version,
+                           slot=(self.updater.store.active(m.name) if self.updater else None), healthy=True)
+                for m in self.host.models()]
+
+    def _queue_command(self, topic: str, payload: bytes) -> None:
+        """Called on the MQTT thread: never block it (an order downloads a bundle). Full queue: drop and count;
+        the server resends until it sees the command's event."""
+        try:
+            self._command_queue.put_nowait((topic, payload))
+        except queue.Full:
+            self.commands_dropped += 1
+            log.warning("command queue full; dropped a command (the server will resend it)")
+
+    def _command_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                topic, payload = self._command_queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self.commands.on_message(topic, payload)
+            except Exception:  # the top of a task: log with context, keep the loop alive
+                log.exception("command handling failed")
 
     def _tick_loop(self) -> None:
         assert self.updater is not None
@@ -169,7 +248,14 @@ class Agent:
 
     def stop(self) -> None:
         self.state = "stopping"
+        self._stop.set()
         sd_notify("STOPPING=1")
         self.api.stop()
+        if self.hub is not None:
+            self.hub.stop()  # closes open windows into the outbox: nothing counted is lost
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        if self.outbox is not None:
+            self.outbox.close()
         self.host.close()
         log.info("edge-agent stopped")

@@ -243,6 +243,8 @@ class ModelHost:
         self._loaders = dict(loaders) if loaders is not None else _default_loaders()
         self._models: dict[str, LoadedModel] = {}
         self._load_lock = threading.Lock()
+        #: Called with each model right after it starts serving (load or swap), e.g. to attach telemetry.
+        self.listeners: list[Callable[[LoadedModel], None]] = []
 
     # -- loading -------------------------------------------------------------------------------------------
     def _check_limits(self, spec: ModelSpec, replacing: LoadedModel | None) -> int:
@@ -324,6 +326,7 @@ class ModelHost:
             self._models = {**self._models, model.name: model}
         log.info("model loaded: %s@%d on %s/%s", model.name, model.version, model.backend.runtime,
                  model.backend.accelerator, extra={"model": model.name, "version": model.version})
+        self._notify(model)
         return model
 
     def swap(self, spec: ModelSpec) -> LoadedModel:
@@ -334,7 +337,15 @@ class ModelHost:
             self._models = {**self._models, model.name: model}  # readers see old or new, never neither
         log.info("model swapped: %s -> %s@%d", f"@{old.version}" if old else "(none)", model.name, model.version,
                  extra={"model": model.name, "version": model.version})
+        self._notify(model)
         return model
+
+    def _notify(self, model: LoadedModel) -> None:
+        for listener in self.listeners:
+            try:
+                listener(model)
+            except Exception:  # a listener must never break serving
+                log.exception("model listener failed for %s@%d", model.name, model.version)
 
     def unload(self, name: str) -> None:
         with self._load_lock:

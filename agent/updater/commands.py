@@ -28,7 +28,10 @@ from agent.protocol import (
 )
 from agent.updater.updater import InstallOutcome, UpdateEvent, Updater
 
-__all__ = ["CommandProcessor", "EventSequence"]
+__all__ = ["CommandProcessor", "EventSequence", "SequencedPublisher"]
+
+MessageSink = Callable[[Callable[[int], bytes]], object]
+"""Takes a function that builds a frame for a stream sequence number; the outbox's ``append("events", ...)``."""
 
 log = logging.getLogger("edge_agent.commands")
 
@@ -53,32 +56,45 @@ class EventSequence:
             return seq
 
 
+class SequencedPublisher:
+    """A :data:`MessageSink` without an outbox: numbers from an :class:`EventSequence`, sent straight away."""
+
+    def __init__(self, sequence: EventSequence, publish: Callable[[str, bytes], None], topic: str) -> None:
+        self._sequence, self._publish, self._topic = sequence, publish, topic
+
+    def __call__(self, make: Callable[[int], bytes]) -> None:
+        self._publish(self._topic, make(self._sequence.take()))
+
+
 class CommandProcessor:
     """Decodes commands, applies their signed orders once, and encodes the resulting events."""
 
-    def __init__(self, *, device_id: str, updater: Updater, publish: Callable[[str, bytes], None],
-                 sequence: EventSequence, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, device_id: str, updater: Updater, sink: MessageSink,
+                 clock: Callable[[], float] = time.time) -> None:
         self.device_id = device_id
         self.updater = updater
-        self._publish = publish
-        self._sequence = sequence
+        self._sink = sink
         self._clock = clock
-        self._events_topic = device_topic(device_id, Channel.EVENTS)
         self._commands_topic = device_topic(device_id, Channel.COMMANDS)
         self.dropped = 0
 
     def publish_event(self, ev: UpdateEvent) -> None:
-        """The updater's ``events`` callback: number, validate and encode one deployment event."""
+        """The updater's ``events`` callback: validate and encode one deployment event; the sink numbers it."""
         detail = dict(ev.detail)
         if ev.message:
             detail["message"] = ev.message[:1024]
-        event = Event(device_id=self.device_id, stream_seq=self._sequence.take(), kind=ev.kind, at=self._clock(),
-                      command_id=ev.command_id, model=ev.model, version=ev.version, reason=ev.reason, detail=detail)
-        try:
-            validate_deploy_event(event)
-        except ProtocolError as exc:  # a bug on our side: still report, but say so in the log
-            log.error("deployment event breaks the wire rules (%s): %s", exc, event)
-        self._publish(self._events_topic, encode(event))
+        at = self._clock()
+
+        def make(seq: int) -> bytes:
+            event = Event(device_id=self.device_id, stream_seq=seq, kind=ev.kind, at=at, command_id=ev.command_id,
+                          model=ev.model, version=ev.version, reason=ev.reason, detail=detail)
+            try:
+                validate_deploy_event(event)
+            except ProtocolError as exc:  # a bug on our side: still report, but say so in the log
+                log.error("deployment event breaks the wire rules (%s): %s", exc, event)
+            return encode(event)
+
+        self._sink(make)
 
     def on_message(self, topic: str, payload: bytes) -> InstallOutcome | None:
         """Handle one payload from the commands topic; malformed input is counted and dropped, never raised."""

@@ -192,6 +192,16 @@ class Updater:
         self.store.check_files(contents, iter((f.path, f.length, f.sha256) for f in manifest.files))
         return manifest, ModelSpec(contents.files_dir / manifest.model_file, manifest.schema)
 
+    def baseline_for(self, model: str) -> Any:
+        """The drift baseline of the model's active bundle (``None`` for models not installed from a bundle)."""
+        slot = self.store.active(model) if (self.layout.active_pointer(model)).exists() else None
+        if slot is None:
+            return None
+        try:
+            return Manifest.from_bytes(self.store.read(model, slot).manifest_bytes).drift_baseline()
+        except (SlotError, BundleError):
+            return None
+
     # -- start-up ------------------------------------------------------------------------------------------
     def load_installed(self) -> list[str]:
         """Load every installed model from its active slot (falling back to the other slot if the active one is
@@ -463,10 +473,13 @@ class Updater:
         return self._deploy(order)
 
     def _deploy(self, order: DeploymentOrder) -> InstallOutcome:
-        if self.fetcher is None:
-            raise RuntimeError("this updater has no fetcher; orders need one")
-        from agent.updater.fetch import FetchError
+        from agent.updater.fetch import FetchConfig, FetchError, HttpFetcher
 
+        if self.fetcher is None:  # the HTTP stack loads only when the first order arrives
+            self.fetcher = HttpFetcher(FetchConfig())
+
+        # verify_order guarantees these on a deploy order (only cancels lack them).
+        assert order.url is not None and order.token is not None and order.bundle_length is not None
         part = self.layout.downloads / f"{order.bundle_digest}.part"
         part.parent.mkdir(parents=True, exist_ok=True)
         for stale in part.parent.glob("*.part"):  # one download at a time: older partials are abandoned

@@ -231,11 +231,16 @@ def test_hot_swap_under_load_fails_no_request(device: Device, tmp_path: Path) ->
     threads = [threading.Thread(target=app) for _ in range(4)]
     for t in threads:
         t.start()
+    import time
+
     for v in (2, 3, 4):
         assert install(device, tmp_path, make_bundle(device.keys, version=v), f"v{v}.bundle") == "healthy"
+        deadline = time.monotonic() + 30
+        while v not in versions and time.monotonic() < deadline:  # the apps reach the new version
+            time.sleep(0.01)
     stop.set()
     for t in threads:
         t.join()
     assert failures == []
-    assert versions == {1, 2, 3, 4} or {3, 4} <= versions
-    assert count[0] > 100
+    assert {1, 2, 3, 4} <= versions
+    assert count[0] > 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import Command, Event, decode, encode
-from agent.updater.commands import CommandProcessor, EventSequence
+from agent.updater.commands import CommandProcessor, EventSequence, SequencedPublisher
 from agent.updater.fetch import FetchConfig, HttpFetcher
 from tests.sim.fleet import FleetSim
 from tests.sim.fleet_http import FleetHttpSim
@@ -25,8 +25,9 @@ def wired(tmp_path: Path) -> Iterator[tuple[Device, CommandProcessor, FleetSim, 
     sent: list[tuple[str, bytes]] = []
     with FleetHttpSim() as http:
         fleet = FleetSim(d.keys, http)
-        proc = CommandProcessor(device_id="dev-1", updater=d.updater, publish=lambda t, b: sent.append((t, b)),
-                                sequence=EventSequence(d.state / "orders" / "event_seq"))
+        publisher = SequencedPublisher(EventSequence(d.state / "orders" / "event_seq"),
+                                       lambda t, b: sent.append((t, b)), "fleet/v1/dev-1/events")
+        proc = CommandProcessor(device_id="dev-1", updater=d.updater, sink=publisher)
         d.updater._events = proc.publish_event
         yield d, proc, fleet, sent
     d.host.close()
