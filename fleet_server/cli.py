@@ -13,7 +13,6 @@ from agent.clitools import EXIT_FAILED, EXIT_USAGE, not_built_yet
 __all__ = ["main"]
 
 _COMMANDS = {
-    "serve": ("run the API, console and MQTT ingestion", "the fleet server issue"),
     "demo": ("the whole fleet demo: embedded broker, SQLite, simulated devices", "the fleet server issue"),
 }
 
@@ -73,6 +72,25 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from fleet_server.service import FleetService, NotMigratedError
+    from fleet_server.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(args.config, database_url=args.database_url)
+    except SettingsError as exc:
+        print(f"fleet-server serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return FleetService(settings, host=args.host, port=args.port).run()
+    except NotMigratedError as exc:
+        print(f"fleet-server serve: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fleet-server", description="Central fleet manager for edge-agent devices.")
     p.add_argument("--version", action="version", version=f"fleet-server {__version__}")
@@ -80,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, _) in _COMMANDS.items():
         sub.add_parser(name, help=f"{help_text} (not built yet)").add_argument("args", nargs=argparse.REMAINDER)
     db = _db_parser(sub)
+    serve = sub.add_parser("serve", help="run the HTTP API, MQTT ingestion and the retention schedule")
+    serve.add_argument("--config", metavar="PATH", help="settings TOML file (default: $FLEET_CONFIG)")
+    serve.add_argument("--database-url", metavar="URL")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
     args = p.parse_args(argv)
     if args.command is None:
         p.print_help()
@@ -90,4 +113,6 @@ def main(argv: list[str] | None = None) -> int:
             print("fleet-server db: choose an action: upgrade, current or retention", file=sys.stderr)
             return EXIT_USAGE
         return _db(args)
+    if args.command == "serve":
+        return _serve(args)
     return not_built_yet("fleet-server", args.command, _COMMANDS[args.command][1])
