@@ -141,6 +141,8 @@ def _check_bool(value: object, field: str) -> bool:
 
 
 def _check_utf8(value: str, field: str) -> str:
+    if value.isascii():  # the common case, and much cheaper than encoding
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -189,12 +191,33 @@ def _plain(value: object, field: str, depth: int = 0) -> Any:
     if depth >= MAX_NESTING:
         raise InvalidFieldError(f"nested deeper than {MAX_NESTING} levels", field=field)
     if isinstance(value, (list, tuple)):
+        flat = _flat_numbers(value)
+        if flat is not None:
+            return flat
         return [_plain(item, f"{field}[{i}]", depth + 1) for i, item in enumerate(value)]
     if isinstance(value, Mapping):
         return _plain_map(value, field, depth)
     raise InvalidFieldError(
         f"{type(value).__name__} is not plain data (None, bool, int, float, str, list, map)", field=field
     )
+
+
+def _flat_numbers(value: list[Any] | tuple[Any, ...]) -> list[Any] | None:
+    """Fast path for the bulk of telemetry (histogram counts and edges): a flat list of finite floats, in-range
+    ints and None/bools is copied without building a field path per item. ``None`` means: take the slow path
+    (nested data, strings, or something invalid, which the slow path then names precisely)."""
+    lo, hi = _MSGPACK_INT_MIN, _MSGPACK_INT_MAX
+    for item in value:
+        t = type(item)
+        if t is float:
+            if item - item != 0.0:  # NaN or ±inf
+                return None
+        elif t is int:
+            if not lo <= item <= hi:
+                return None
+        elif item is not None and t is not bool:
+            return None
+    return list(value)
 
 
 def _plain_map(value: object, field: str, depth: int = 0) -> dict[str, Any]:
@@ -205,7 +228,12 @@ def _plain_map(value: object, field: str, depth: int = 0) -> dict[str, Any]:
         if type(key) is not str:
             raise InvalidFieldError(f"map key {_short_repr(key, 40)} is not a str", field=field)
         _check_utf8(key, field)
-        out[key] = _plain(item, _path(field, key), depth + 1)
+        t = type(item)
+        if ((t is float and item - item == 0.0) or (t is int and _MSGPACK_INT_MIN <= item <= _MSGPACK_INT_MAX)
+                or item is None or t is bool):
+            out[key] = item  # a plain scalar: no path needed (the common case in histogram maps)
+        else:
+            out[key] = _plain(item, _path(field, key), depth + 1)
     return out
 
 
