@@ -71,3 +71,17 @@ def test_unreadable_config_file_named(tmp_path: Path) -> None:
     bad.write_bytes(b"device_id = \"\xff\"\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(bad)
+
+
+def test_mqtt_and_telemetry_tables_validated(tmp_path: Path) -> None:
+    cfg = parse_config(GOOD + '\n[mqtt]\nhost = "broker.local"\n[telemetry]\nwindow_s = 60\n', base=tmp_path)
+    assert cfg.mqtt is not None and cfg.mqtt.host == "broker.local" and cfg.mqtt.port is None
+    assert cfg.telemetry.window_s == 60.0
+    assert parse_config(GOOD, base=tmp_path).mqtt is None  # offline by default
+    for extra, field in (('[mqtt]\nhost = "b"\nport = 70000\n', "mqtt.port"),
+                         ('[mqtt]\nhost = "b"\ncert_file = "c.pem"\n', "mqtt.cert_file"),
+                         ('[mqtt]\nport = 1883\n', "mqtt.host"),
+                         ("[telemetry]\nwindow_s = 0\n", "telemetry.window_s")):
+        with pytest.raises(ConfigError) as err:
+            parse_config(GOOD + "\n" + extra, source="agent.toml")
+        assert err.value.field == field
