@@ -143,3 +143,13 @@ def test_public_names_declared_and_present(name: str) -> None:
     module = importlib.import_module(name)
     assert len(set(module.__all__)) == len(module.__all__)
     assert [n for n in module.__all__ if not hasattr(module, n)] == []
+
+
+def test_device_steps_follow_the_wire_event_vocabulary() -> None:
+    """One definition of the deployment events (agent.protocol); the rollout's device steps must track it."""
+    from agent.protocol import DEPLOY_EVENT_KINDS
+    from fleet_server.rollouts.model import DeviceStep
+
+    steps = {s.value for s in DeviceStep}
+    assert steps >= DEPLOY_EVENT_KINDS
+    assert steps - DEPLOY_EVENT_KINDS == {"not_started", "ordered", "timed_out"}  # the server's own
