@@ -185,12 +185,18 @@ def _run_or_check(args: argparse.Namespace) -> int:
         print(f"edge-agent: invalid config: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check-config":
+        from agent.bundle import BundleError, TrustRoot
         from agent.profiles import builtin_profiles_dir, resolve_profile
 
         try:
             resolve_profile(config.profile, config.profiles_dir or builtin_profiles_dir())
             for m in config.models:
                 load_schema_file(m.schema)
+            if config.updates.trust_root is not None:
+                try:
+                    TrustRoot.from_bytes(config.updates.trust_root.read_bytes())
+                except (BundleError, OSError) as exc:
+                    raise ModelLoadError(f"updates.trust_root {config.updates.trust_root}: {exc}") from None
         except (ProfileError, ModelLoadError) as exc:
             print(f"edge-agent: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -209,9 +215,13 @@ def _run_or_check(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_USAGE
+    from agent.bundle import BundleError
+    from agent.updater.state import StateCorruptError
+
     try:
         return agent.run()
-    except (ModelLoadError, OSError) as exc:
+    except (ModelLoadError, OSError, BundleError, StateCorruptError) as exc:
+        # A bad model, an unreadable file, or a trust root that is not a valid self-signed root: say which.
         log.error("cannot start: %s", exc, extra={"reason": str(exc)})
         agent.stop()
         return EXIT_FAILED

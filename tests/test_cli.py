@@ -151,3 +151,17 @@ def test_infer_and_models_commands_talk_to_a_running_agent(start_agent: object, 
     assert r.returncode != 0 and "not valid JSON" in r.stderr
     r = run("agent.cli", "infer", "cancer-mlp", "--socket", str(short_tmp / "nope.sock"), "--json", "{}")
     assert r.returncode == 1 and "is edge-agent running" in r.stderr
+
+
+def test_invalid_trust_root_stops_start_and_check_config_with_reason(short_tmp: Path) -> None:
+    root = short_tmp / "root.json"
+    root.write_text('{"not": "a root"}')
+    cfg = short_tmp / "agent.toml"
+    cfg.write_text(agent_config_text(short_tmp, models=("cancer_mlp_int8.onnx",))
+                   + f'\n[updates]\ntrust_root = "{root}"\n')
+    r = run("agent.cli", "check-config", "--config", str(cfg))
+    assert r.returncode == 2 and "updates.trust_root" in r.stderr and "malformed" in r.stderr
+    r = run("agent.cli", "run", "--config", str(cfg))
+    assert r.returncode == 1 and "cannot start" in r.stderr and "trust root is malformed" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (short_tmp / "api.sock").exists()

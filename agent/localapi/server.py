@@ -271,6 +271,10 @@ class LocalApiServer:
                                else self._route(method, target, body))
         except _Reply as r:
             status, payload = r.status, _error_body(r.code, r.message, r.field)
+        except Exception as exc:  # the top of a request: answer 500 and keep the connection, never drop it silently
+            log.exception("request %s %s failed", method, target)
+            self._count("internal_error")
+            status, payload = 500, _error_body("internal", f"the agent failed to handle this request: {exc}", None)
         conn.sendall(message(_status_line(status), payload, close=close))
         return not close
 

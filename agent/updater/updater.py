@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,9 +52,6 @@ from agent.updater.store import SlotError, SlotStore
 __all__ = ["InstallOutcome", "TrustStore", "UpdateEvent", "UpdateSettings", "Updater"]
 
 log = logging.getLogger("edge_agent.updater")
-
-STEPS = ("staging", "staged", "activated", "soaking")
-
 
 @dataclass(frozen=True, slots=True)
 class UpdateEvent:
@@ -194,7 +192,7 @@ class Updater:
 
     def baseline_for(self, model: str) -> Any:
         """The drift baseline of the model's active bundle (``None`` for models not installed from a bundle)."""
-        slot = self.store.active(model) if (self.layout.active_pointer(model)).exists() else None
+        slot = self.store.active(model)
         if slot is None:
             return None
         try:
@@ -234,7 +232,7 @@ class Updater:
 
     def recover(self) -> None:
         """Finish or roll back installs that a crash interrupted (call at start, before serving)."""
-        shutil_rmtree(self.layout.staging)
+        shutil.rmtree(self.layout.staging, ignore_errors=True)
         for model_dir in sorted(self.layout.models.glob("*/install.json")):
             model = model_dir.parent.name
             j = self._journal(model)
@@ -282,11 +280,15 @@ class Updater:
                 return self._install(path, order)
             except OSError as exc:  # a disk fault anywhere in the install: put the device back, report, go on
                 return self._abort_io(order, exc)
+            except StateCorruptError as exc:  # e.g. the trust root or a rollback mark is unreadable
+                cmd = order.command_id if order else None
+                self._emit(UpdateEvent("failed", cmd, None, None, "storage", str(exc)))
+                return InstallOutcome("failed", reason="storage", message=str(exc))
 
     def _abort_io(self, order: DeploymentOrder | None, exc: OSError) -> InstallOutcome:
         cmd = order.command_id if order else None
         log.error("install failed on an I/O error: %s", exc)
-        shutil_rmtree(self.layout.staging)
+        shutil.rmtree(self.layout.staging, ignore_errors=True)
         for journal in self.layout.models.glob("*/install.json"):
             model = journal.parent.name
             j = self._journal(model)
@@ -512,9 +514,3 @@ class Updater:
         if outcome.status in ("rejected", "failed") and outcome.reason != "io":
             self.applied.record(order.command_id, outcome.status, outcome.reason)
         return outcome
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

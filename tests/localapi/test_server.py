@@ -314,3 +314,20 @@ def test_admin_install_with_bad_body_is_a_clear_400(start_agent: Any) -> None:
             assert err.value.status == 400 and "absolute" in err.value.message
         out = c.request("POST", "/v1/admin/install", {"path": "/nonexistent.bundle"})
         assert (out["status"], out["reason"]) == ("rejected", "disabled")  # no trust root configured here
+
+
+def test_unexpected_failure_answers_500_and_keeps_serving(start_agent: Any) -> None:
+    agent = start_agent(models=("cancer_mlp_int8.onnx",))
+
+    def broken() -> None:
+        raise RuntimeError("injected fault")
+
+    real = agent.host.models
+    agent.host.models = broken  # a bug in a handler, injected
+    with LocalClient(agent.config.api.socket_path) as c:
+        with pytest.raises(LocalApiError) as err:
+            c.models()
+        assert (err.value.status, err.value.code) == (500, "internal") and "injected fault" in err.value.message
+        agent.host.models = real
+        assert c.infer("cancer-mlp", {"features": [ROW]})["version"] == 1  # same connection, still served
+    assert agent.api.counters["internal_error"] == 1
