@@ -466,6 +466,12 @@ class Updater:
         self.ttime.advance(order.issued_at)
         self._emit(UpdateEvent("received", order.command_id, order.model, order.version))
         if order.action == "cancel":
+            finished = self.applied.outcome(order.cancels) if order.cancels else None
+            if finished is not None and finished[0] != "cancelled":  # the wire rule: too late to cancel
+                message = f"{order.cancels} already ended as {finished[0]}; nothing to cancel"
+                self.applied.record(order.command_id, "rejected", "too_late")
+                self._emit(UpdateEvent("rejected", order.command_id, None, None, "too_late", message))
+                return InstallOutcome("rejected", reason="too_late", message=message)
             if order.cancels:
                 self._cancel.add(order.cancels)
             self.applied.record(order.command_id, "cancelled")

@@ -138,6 +138,15 @@ def test_signed_rollback_order_may_go_back(at_v2: Device, fleet: Fleet) -> None:
     assert outcome.status == "healthy" and at_v2.serving() == 1
 
 
+def test_cancel_after_the_deployment_finished_is_too_late(at_v2: Device, fleet: Fleet) -> None:
+    data = make_bundle(at_v2.keys, version=3)
+    assert at_v2.updater.handle_order(fleet.order(data, command_id="cmd-done")).status == "healthy"
+    cancel = fleet.order(data, action="cancel", cancels="cmd-done", command_id="cmd-late")
+    outcome = at_v2.updater.handle_order(cancel)
+    assert (outcome.status, outcome.reason) == ("rejected", "too_late")
+    assert at_v2.serving() == 3 and at_v2.events[-1].command_id == "cmd-late"
+
+
 def test_cancel_during_download(at_v2: Device, fleet: Fleet, sim: FleetHttpSim) -> None:
     data = make_bundle(at_v2.keys, version=3)
     sim.trickle_bytes_per_s = 20_000  # a slow link: the download takes a while
