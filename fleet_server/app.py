@@ -22,8 +22,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.engine import Engine
 
 from agent import __version__
-from fleet_server.api import Principal, require_role
-from fleet_server.api.drift import router as drift_router
+from fleet_server.api import (
+    Principal,
+    audit,
+    auth,
+    bundles,
+    cohorts,
+    devices,
+    drift,
+    require_role,
+    rollouts,
+    users,
+    versions,
+)
 from fleet_server.db import DatabaseUnavailableError, create_db_engine, ping, session_factory
 from fleet_server.ingest import IngestMetrics
 from fleet_server.migrate import current_revision, head_revision
@@ -78,5 +89,10 @@ def create_app(settings: FleetSettings, *, engine: Engine | None = None,
         m: IngestMetrics | None = request.app.state.metrics
         return PlainTextResponse(m.prometheus() if m is not None else "", media_type="text/plain; version=0.0.4")
 
-    app.include_router(drift_router)
+    for module in (auth, users, audit, devices, cohorts, versions, bundles, rollouts, drift):
+        app.include_router(module.router)
+    app.include_router(bundles.download_router)
+    from fleet_server import console
+
+    app.include_router(console.router)
     return app

@@ -31,7 +31,8 @@ __all__ = ["ENV_PREFIX", "FleetSettings", "SettingsError", "load_settings"]
 
 ENV_PREFIX = "FLEET_"
 
-_SECTIONS = ("database", "mqtt", "ingest", "retention", "alerts", "api", "log")
+_SECTIONS = ("database", "mqtt", "ingest", "retention", "alerts", "api", "log", "bundle", "orders", "download",
+             "rollout", "command", "device", "session", "public")
 
 
 class SettingsError(ValueError):
@@ -111,7 +112,46 @@ class FleetSettings:
     """After an alert for (model, version, feature), no other one for it within this time (0..604800 s)."""
 
     api_token: str | None = field(default=None, repr=False)
-    """Static bearer token accepted for the API until RBAC lands. None: every API request is denied."""
+    """A bootstrap bearer token with the ``admin`` role (for automation before any user exists; 16+
+    characters). None (the default): only users' API tokens and console sessions are accepted."""
+
+    public_url: str = "http://127.0.0.1:8080"
+    """The server's URL as devices reach it: deployment orders carry ``{public_url}/bundles/{digest}``."""
+
+    bundle_dir: Path | None = None
+    """Where uploaded bundles are stored, content-addressed (None: ``./bundles``)."""
+    bundle_max_bytes: int = 512 * 1024 * 1024
+    """Largest bundle accepted on upload (1 KiB..16 GiB); a larger upload is refused with 413 and nothing kept."""
+    bundle_trust_root_file: Path | None = None
+    """The fleet's trust root (``root.json``): uploaded bundles must carry enough valid release signatures
+    under it. Required to accept uploads."""
+
+    orders_key_file: Path | None = None
+    """The Ed25519 private key (PEM, PKCS#8) that signs deployment orders and cancels; the trust root's
+    ``orders`` role must name its public key. Required to run rollouts. Keep it out of the repository."""
+
+    download_token_secret: str | None = field(default=None, repr=False)
+    """HMAC key (32+ characters) of the bundle download tokens put in orders; every replica needs the same one.
+    Required to run rollouts."""
+    download_token_ttl_s: float = 7 * 86400.0
+    """How long a download token in an order stays valid (60 s..30 days)."""
+
+    rollout_interval_s: float = 1.0
+    """How often the rollout loop evaluates running rollouts and consumes device events (0.05..60 s)."""
+    command_resend_s: float = 30.0
+    """A command not yet acknowledged by the device's ``received`` event is published again after this long
+    (1 s..1 day); the delay doubles per attempt up to 16 times this."""
+    command_ttl_s: float = 7 * 86400.0
+    """Orders expire this long after they are issued (60 s..90 days); the server stops resending then."""
+
+    device_stale_after_s: float = 180.0
+    """A device not heard from (any message) for this long is stale: shown with its "stale since" time
+    (10 s..30 days)."""
+
+    session_ttl_s: float = 8 * 3600.0
+    """Console sessions end this long after login (300 s..30 days)."""
+    session_cookie_secure: bool = True
+    """Mark the console session cookie ``Secure`` (HTTPS only). Turn off only for a plain-HTTP demo on localhost."""
 
     log_level: str = "info"
 
@@ -140,6 +180,13 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "alerts_max_attempts": (1, 20),
     "alerts_backoff_s": (0, 300),
     "alerts_cooldown_s": (0, 604_800),
+    "bundle_max_bytes": (1024, 16 * 1024**3),
+    "download_token_ttl_s": (60, 30 * 86400),
+    "rollout_interval_s": (0.05, 60),
+    "command_resend_s": (1, 86400),
+    "command_ttl_s": (60, 90 * 86400),
+    "device_stale_after_s": (10, 30 * 86400),
+    "session_ttl_s": (300, 30 * 86400),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mqtt_protocol": ("5", "3.1.1"),
@@ -198,6 +245,11 @@ def _validate(s: FleetSettings) -> None:
         raise SettingsError("alerts_webhook_secret", "is required with webhook URLs and must be 16+ characters")
     if s.api_token is not None and len(s.api_token) < 16:
         raise SettingsError("api_token", "must be at least 16 characters")
+    if s.download_token_secret is not None and len(s.download_token_secret) < 32:
+        raise SettingsError("download_token_secret", "must be at least 32 characters")
+    public = urlsplit(s.public_url)
+    if public.scheme not in ("http", "https") or not public.netloc or public.query or public.fragment:
+        raise SettingsError("public_url", f"must be an http(s) URL without query or fragment, got {s.public_url!r}")
 
 
 def _num(x: float) -> str:

@@ -20,8 +20,8 @@ from fleet_server.settings import FleetSettings
 
 __all__ = ["ROLES", "Principal", "SettingsDep", "require_role"]
 
-ROLES = ("viewer", "operator", "admin")
-"""Known roles, weakest first (the RBAC issue gives them meaning)."""
+ROLES = ("viewer", "operator", "release_manager", "admin")
+"""Known roles, weakest first; each holds the rights of the ones before it."""
 
 _bearer = HTTPBearer(auto_error=False, description="Static API token (until RBAC)")
 
@@ -58,7 +58,7 @@ def require_role(role: str) -> Callable[..., Principal]:
         if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
-        return Principal(actor="token:static", roles=frozenset(ROLES))
+        return Principal(actor="token:bootstrap", roles=frozenset(ROLES))
 
     dependency.__name__ = f"require_role_{role}"
     return dependency

@@ -24,7 +24,7 @@ def test_importing_the_app_creates_no_engine_and_reads_no_settings() -> None:
 def test_healthz_and_readyz_when_migrated(client: TestClient) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"status": "ok", "database": "ok", "schema": "0001"}
+    assert r.status_code == 200 and r.json() == {"status": "ok", "database": "ok", "schema": "0002"}
 
 
 def test_readyz_refuses_an_unmigrated_database(db_url: str) -> None:

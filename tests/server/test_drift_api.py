@@ -121,7 +121,7 @@ def test_baseline_put_is_validated_and_audited(client: TestClient, engine: Engin
     assert got["features"] == ["f00", "f01", "f02", "f03", "weather"] and got["thresholds"]["psi_alert"] == 0.3
     with engine.connect() as conn:
         audit = conn.execute(sa.text("SELECT actor, action, target, outcome FROM audit_log ORDER BY id")).all()
-    assert [tuple(a) for a in audit] == [("token:static", "baseline.put", "model:m/1", "ok")] * 2
+    assert [tuple(a) for a in audit] == [("token:bootstrap", "baseline.put", "model:m/1", "ok")] * 2
     assert client.get("/api/v1/models/m/versions/2/baseline", headers=AUTH).status_code == 404
 
 

@@ -21,7 +21,7 @@ def test_migrations_match_the_models(engine: Engine) -> None:
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     assert diff == []
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
 
 
 def test_audit_log_is_append_only_in_the_database(engine: Engine) -> None:
@@ -58,14 +58,14 @@ def test_cli_db_upgrade_applies_the_migrations(db_url: str) -> None:
     assert r.returncode == 1 and "never migrated" in r.stdout
     r = cli("db", "upgrade", "--database-url", db_url)
     assert r.returncode == 0, r.stderr
-    assert "-> 0001" in r.stdout
+    assert "-> 0002" in r.stdout
     engine = create_db_engine(db_url)
     try:
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == "0002"
     finally:
         engine.dispose()
     r = cli("db", "upgrade", "--database-url", db_url)
-    assert r.returncode == 0 and "already at 0001" in r.stdout
+    assert r.returncode == 0 and "already at 0002" in r.stdout
     assert cli("db", "current", "--database-url", db_url).returncode == 0
 
 

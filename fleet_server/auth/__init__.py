@@ -1,0 +1,1 @@
+"""Authentication and authorization: users, roles, API tokens, console sessions, the route policy."""
