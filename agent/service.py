@@ -137,6 +137,8 @@ class Agent:
         self.events.append(event)
         if self.commands is not None:
             self.commands.publish_event(event)
+        if event.kind == "rolled_back" and self.mqtt is not None:
+            self.mqtt.publish_status()  # a first install rolled back unloads the model: no listener call
 
     def _start_telemetry(self, layout: StateLayout) -> None:
         """Outbox (durable, acknowledged by the server), drift windows, and the MQTT connection."""
@@ -170,6 +172,10 @@ class Agent:
                          keepalive_s=mq.keepalive_s, drain_rate=mq.drain_rate, ack_timeout_s=mq.ack_timeout_s,
                          agent_version=__version__),
             outbox, on_command=on_command, models=self._model_states)
+        # A fresh retained status whenever a model starts serving (an install, a swap back on rollback), so the
+        # fleet server sees the version change now rather than at the next reconnect.
+        mqtt = self.mqtt
+        self.host.listeners.append(lambda _model: mqtt.publish_status())
 
     def _model_states(self) -> list[Any]:
         from agent.protocol import ModelState

@@ -7,7 +7,9 @@ import sys
 
 BENCHES = [
     "bench.inference", "bench.process", "bench.download", "bench.bundle", "bench.hotswap", "bench.rollout_policy",
-    "bench.drift", "bench.server_ingest", "bench.telemetry",
+    "bench.drift", "bench.server_ingest", "bench.telemetry", "bench.rollout_bridge",
+    "bench.device_list",
+    "bench.fleet_rollout",
 ]
 
 

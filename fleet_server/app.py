@@ -35,6 +35,9 @@ from fleet_server.api import (
     users,
     versions,
 )
+from fleet_server.api import http as http_conformance
+from fleet_server.api.deps import public
+from fleet_server.auth.policy import check_route_policies
 from fleet_server.db import DatabaseUnavailableError, create_db_engine, ping, session_factory
 from fleet_server.ingest import IngestMetrics
 from fleet_server.migrate import current_revision, head_revision
@@ -66,11 +69,11 @@ def create_app(settings: FleetSettings, *, engine: Engine | None = None,
     app.state.metrics = metrics
     head = head_revision()
 
-    @app.get("/healthz", tags=["probes"])
+    @app.get("/healthz", tags=["probes"], dependencies=[Depends(public)])
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    @app.get("/readyz", tags=["probes"])
+    @app.get("/readyz", tags=["probes"], dependencies=[Depends(public)])
     def readyz(request: Request) -> Response:
         eng: Engine = request.app.state.engine
         try:
@@ -87,7 +90,19 @@ def create_app(settings: FleetSettings, *, engine: Engine | None = None,
     @app.get("/metrics", tags=["probes"], response_class=PlainTextResponse)
     def prometheus(request: Request, _: Annotated[Principal, Depends(require_role("viewer"))]) -> Any:
         m: IngestMetrics | None = request.app.state.metrics
-        return PlainTextResponse(m.prometheus() if m is not None else "", media_type="text/plain; version=0.0.4")
+        text = m.prometheus() if m is not None else ""
+        from fleet_server.bundles import bundle_metrics
+        from fleet_server.deploy.metrics import rollout_metrics
+        from fleet_server.models import utcnow
+        from fleet_server.registry.metrics import registry_metrics
+
+        eng: Engine = request.app.state.engine
+        with eng.connect() as conn:  # devices by state (online/offline/stale/never/revoked)
+            text += registry_metrics(conn, utcnow(), request.app.state.settings.device_stale_after_s)
+        text += bundle_metrics()
+        deploy = getattr(request.app.state, "deploy", None)  # the bridge and loop, when they run in this process
+        text += deploy.metrics(eng) if deploy is not None else rollout_metrics(eng)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     for module in (auth, users, audit, devices, cohorts, versions, bundles, rollouts, drift):
         app.include_router(module.router)
@@ -95,4 +110,6 @@ def create_app(settings: FleetSettings, *, engine: Engine | None = None,
     from fleet_server import console
 
     app.include_router(console.router)
+    http_conformance.install(app)  # 405 Allow lists every method of the path; bad UTF-8 bodies are 422
+    check_route_policies(app)  # deny by default: a route without a policy stops the app from being built
     return app

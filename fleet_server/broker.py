@@ -35,6 +35,16 @@ class BrokerError(RuntimeError):
     """The embedded broker could not start (port taken, bad address) or stop in time."""
 
 
+class _SnapshotDict(dict[str, Any]):
+    """A dict whose iteration runs over a copy of its keys or items, so it may change meanwhile."""
+
+    def __iter__(self) -> Any:
+        return iter(list(super().keys()))
+
+    def items(self) -> Any:
+        return list(super().items())
+
+
 class EmbeddedBroker:
     """amqtt's broker on ``host:port`` (``port=0``: a free port, reported by :meth:`start` and :attr:`port`)."""
 
@@ -119,7 +129,17 @@ class EmbeddedBroker:
                 finally:
                     writers.discard(writer)
 
+            async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
+                # amqtt 0.12 replays every topic's retained messages to a reconnecting client, subscribed or not
+                # (another device's retained status reached it): only topics this session subscribes to.
+                subscribers = self._subscriptions.get(subscription[0], ())
+                if any(s.client_id == session.client_id for s, _ in subscribers):
+                    await super()._publish_retained_messages_for_subscription(subscription, session)
+
         broker = TrackingBroker(self.config(), loop=asyncio.get_running_loop())
+        # amqtt 0.12 iterates this dict across awaits and deletes from it while iterating ("dictionary changed
+        # size during iteration" when many clients connect at once): iterate over snapshots instead.
+        broker._subscriptions = _SnapshotDict(broker._subscriptions)
         await broker.start()
         self._broker = broker
         # amqtt has no public accessor for the bound address; its listener servers are asyncio.Server objects.

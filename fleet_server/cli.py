@@ -6,15 +6,12 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from agent import __version__
-from agent.clitools import EXIT_FAILED, EXIT_USAGE, not_built_yet
+from agent.clitools import EXIT_FAILED, EXIT_USAGE
 
 __all__ = ["main"]
-
-_COMMANDS = {
-    "demo": ("the whole fleet demo: embedded broker, SQLite, simulated devices", "the fleet server issue"),
-}
 
 
 def _db_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -75,7 +72,7 @@ def _db(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from fleet_server.service import FleetService, NotMigratedError
+    from fleet_server.service import FleetService, StartupError
     from fleet_server.settings import SettingsError, load_settings
 
     try:
@@ -83,26 +80,51 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"fleet-server serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return FleetService(settings, host=args.host, port=args.port).run()
-    except NotMigratedError as exc:
+    except StartupError as exc:
         print(f"fleet-server serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from fleet_server.demo import run_demo
+
+    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_demo(devices=args.devices, port=args.port, workdir=args.dir, keep_running=args.keep_running)
+    except (ValueError, RuntimeError, TimeoutError, OSError) as exc:
+        print(f"fleet-server demo: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0 if result.ok else EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fleet-server", description="Central fleet manager for edge-agent devices.")
     p.add_argument("--version", action="version", version=f"fleet-server {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, _) in _COMMANDS.items():
-        sub.add_parser(name, help=f"{help_text} (not built yet)").add_argument("args", nargs=argparse.REMAINDER)
     db = _db_parser(sub)
     serve = sub.add_parser("serve", help="run the HTTP API, MQTT ingestion and the retention schedule")
     serve.add_argument("--config", metavar="PATH", help="settings TOML file (default: $FLEET_CONFIG)")
     serve.add_argument("--database-url", metavar="URL")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+    from fleet_server.auth import cli as user_cli
+    from fleet_server.simulator import cli as simulate_cli
+
+    demo = sub.add_parser("demo", help="the whole system on embedded defaults: embedded broker, SQLite, a fleet of "
+                                       "simulated devices, two staged rollouts (one halted by its drift gate)")
+    demo.add_argument("--devices", type=int, default=60, help="simulated devices (default 60, at least 20)")
+    demo.add_argument("--port", type=int, default=8080, help="HTTP port of the server and console (0: any free one)")
+    demo.add_argument("--dir", type=Path, metavar="DIR", help="where keys, database and bundles go (default: a "
+                                                                 "new temporary directory)")
+    demo.add_argument("--keep-running", action="store_true", help="keep the server and devices up afterwards, "
+                                                                  "to look around in the console (Ctrl-C stops)")
+    user = user_cli.add_parser(sub)
+    simulate_cli.add_parser(sub)
     args = p.parse_args(argv)
     if args.command is None:
         p.print_help()
@@ -115,4 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         return _db(args)
     if args.command == "serve":
         return _serve(args)
-    return not_built_yet("fleet-server", args.command, _COMMANDS[args.command][1])
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "user":
+        if args.user_action is None:
+            user.print_usage(sys.stderr)
+            print("fleet-server user: choose an action: add, set-role, disable, enable, token or list", file=sys.stderr)
+            return EXIT_USAGE
+        return user_cli.run(args)
+    if args.command == "simulate":
+        return simulate_cli.run(args)
+    p.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE

@@ -118,10 +118,23 @@ def ping(engine: Engine) -> None:
         raise DatabaseUnavailableError(f"database unreachable: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
 
 
+_READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def get_session(request: Request) -> Iterator[Session]:
-    """FastAPI dependency: a session from the app's factory, closed after the request."""
+    """FastAPI dependency: a session from the app's factory, closed after the request.
+
+    For a request that may write (any method but GET/HEAD/OPTIONS) the session's transactions start with SQLite's
+    ``BEGIN IMMEDIATE``: a transaction that reads and then writes would otherwise fail at once with "database is
+    locked" whenever another connection (ingestion, the rollout loop) committed in between, instead of waiting for
+    the lock. PostgreSQL ignores the option."""
     factory: sessionmaker[Session] = request.app.state.sessions
-    with factory() as session:
+    if request.method in _READ_ONLY_METHODS:
+        with factory() as session:
+            yield session
+        return
+    engine: Engine = request.app.state.engine
+    with factory(bind=engine.execution_options(sqlite_immediate=True)) as session:
         yield session
 
 

@@ -14,6 +14,11 @@ batch with an :class:`~agent.protocol.Ack` per (device, stream) naming what is s
   from the database every batch: a restart, or another replica sharing the subscription, can never make a
   message count twice. Inserts are executemany with ``ON CONFLICT DO NOTHING`` as a second line of defence.
 
+Status and heartbeats update the device row (``first_seen_at`` on a pre-registered device's first message,
+``heartbeat_at``); the models of each online ``Status`` feed version tracking in the same transaction
+(:func:`fleet_server.registry.versions.record_model_reports`). Messages of revoked devices are dropped and
+counted (``revoked_device``) like those of unknown devices.
+
 The acks are returned only after the commit: an Ack promises the device that the message is durable.
 """
 
@@ -22,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -58,6 +63,7 @@ from agent.protocol import (
 )
 from fleet_server.db import DatabaseUnavailableError, is_postgresql
 from fleet_server.models import Device, DriftWindowRecord, EventRecord, StreamState, table_of
+from fleet_server.registry.versions import ModelReport, attribute_late, record_model_reports
 
 __all__ = [
     "ACK_MAX_RANGES",
@@ -79,8 +85,8 @@ ACK_MAX_RANGES = 1024
 """Most ranges in one Ack's ``seqs`` or ``missing`` (keeps every Ack far below the frame limit)."""
 
 _STREAM_OF: Mapping[Channel, str] = {Channel.DRIFT: Stream.DRIFT.value, Channel.EVENTS: Stream.EVENTS.value}
-_DEVICE_COLUMNS = ("last_seen_at", "last_status", "last_status_at", "agent_version", "schema_version", "models",
-                   "uptime_s")
+_DEVICE_COLUMNS = ("first_seen_at", "last_seen_at", "last_status", "last_status_at", "agent_version",
+                   "schema_version", "models", "uptime_s", "heartbeat_at")
 
 
 class Reject(StrEnum):
@@ -94,6 +100,8 @@ class Reject(StrEnum):
     UNSUPPORTED_VERSION = "unsupported_version"
     UNKNOWN_DEVICE = "unknown_device"
     """Device not registered and auto-registration is off."""
+    REVOKED_DEVICE = "revoked_device"
+    """Device revoked through the API (dropped like an unknown device)."""
     RANGE_CAP = "range_cap"
     """Would open a new received range beyond ``ingest_max_ranges`` for its stream."""
     DB_ERROR = "db_error"
@@ -200,6 +208,8 @@ class WritePlan:
     """``{id, last_seen_at, ...}`` updates (all keys of ``_DEVICE_COLUMNS``)."""
     streams: list[dict[str, Any]] = field(default_factory=list)
     """Full ``stream_states`` rows for every (device, stream) touched."""
+    model_reports: list[ModelReport] = field(default_factory=list)
+    """The models of every online ``Status``, in arrival order (version tracking)."""
     acks: list[Ack] = field(default_factory=list)
     duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -286,10 +296,12 @@ class Ingestor:
     # -- planning -------------------------------------------------------------------------------------
 
     def plan(self, batch: Sequence[Decoded], *, devices: Mapping[str, Mapping[str, Any]],
-             streams: Mapping[tuple[str, str], StreamSnapshot], now: float) -> WritePlan:
+             streams: Mapping[tuple[str, str], StreamSnapshot], now: float,
+             revoked: Collection[str] = frozenset()) -> WritePlan:
         """Decide what ``batch`` (in arrival order) changes, given the current rows of its devices and the
-        stream states of its (device, stream) pairs (missing pairs are empty). Pure: no I/O, no mutation of
-        the inputs; counters are updated by :meth:`committed` once the plan is durable."""
+        stream states of its (device, stream) pairs (missing pairs are empty). Messages of ``revoked``
+        devices are dropped and counted like those of unknown devices. Pure: no I/O, no mutation of the
+        inputs; counters are updated by :meth:`committed` once the plan is durable."""
         plan = WritePlan()
         trackers: dict[tuple[str, str], ReceivedTracker] = {}
         acked: dict[tuple[str, str], RangeSet] = {}
@@ -299,6 +311,9 @@ class Ingestor:
         device_rows: dict[str, dict[str, Any]] = {}
 
         for d in batch:
+            if d.device_id in revoked:
+                plan.rejected[Reject.REVOKED_DEVICE.value] += 1
+                continue
             if d.device_id not in devices:
                 plan.rejected[Reject.UNKNOWN_DEVICE.value] += 1
                 continue
@@ -311,6 +326,8 @@ class Ingestor:
             seen = _ts(d.received_at)
             if row["last_seen_at"] is None or seen > row["last_seen_at"]:
                 row["last_seen_at"] = seen
+            if row["first_seen_at"] is None:  # pre-registered through the API: this is its first message
+                row["first_seen_at"] = seen
             msg = d.message
             if msg is None:  # cleared retained status
                 row.update(last_status=None, last_status_at=seen)
@@ -319,13 +336,19 @@ class Ingestor:
             row["schema_version"] = f"{msg.schema_version[0]}.{msg.schema_version[1]}"
             if isinstance(msg, Status):
                 plan.statuses += 1
-                row.update(last_status=msg.state, last_status_at=seen, models=[m.to_wire() for m in msg.models])
+                row.update(last_status=msg.state, last_status_at=seen)
+                if msg.state == "online":  # the last will (offline) carries no models: keep what we know
+                    row["models"] = [m.to_wire() for m in msg.models]
+                    plan.model_reports.append(ModelReport(
+                        d.device_id, tuple((m.name, m.version, m.healthy) for m in msg.models), seen))
                 if msg.agent_version:
                     row["agent_version"] = msg.agent_version
                 continue
             if isinstance(msg, Heartbeat):
                 plan.heartbeats += 1
                 row["uptime_s"] = msg.uptime_s
+                if row["heartbeat_at"] is None or seen > row["heartbeat_at"]:
+                    row["heartbeat_at"] = seen
                 continue
             if not isinstance(msg, DriftWindow | Event):  # decode_for_topic admits only device->server types
                 continue
@@ -540,10 +563,11 @@ class BatchWriter:
                 conn.execute(self._insert(_DEVICES).on_conflict_do_nothing(index_elements=["id"]), rows)
                 for r in rows:
                     devices[str(r["id"])] = {**r, **{c: r.get(c) for c in _DEVICE_COLUMNS if c not in r}}
+            revoked = {i for i, r in devices.items() if r.get("revoked_at") is not None}
             keys = sorted({(d.device_id, _STREAM_OF[d.channel]) for d in decoded
-                           if d.channel in _STREAM_OF and d.device_id in devices})
+                           if d.channel in _STREAM_OF and d.device_id in devices and d.device_id not in revoked})
             streams = self._lock_streams(conn, keys, now)
-            plan = ingestor.plan(decoded, devices=devices, streams=streams, now=now)
+            plan = ingestor.plan(decoded, devices=devices, streams=streams, now=now, revoked=revoked)
             if plan.supersede:
                 conn.execute(
                     sa.delete(_WINDOWS).where(
@@ -570,6 +594,11 @@ class BatchWriter:
                     .values({c: sa.bindparam(f"b_{c}") for c in cols}),
                     [{f"b_{k}": v for k, v in row.items()}
                      for row in sorted(plan.streams, key=lambda r: (r["device_id"], r["stream"]))])
+            # Version tracking after the device rows are updated (so locked): one replica per device at a time.
+            if plan.model_reports:
+                record_model_reports(conn, plan.model_reports)
+            if plan.events:
+                attribute_late(conn, plan.events)
         return plan
 
     def _lock_streams(self, conn: sa.Connection, keys: list[tuple[str, str]],

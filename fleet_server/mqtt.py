@@ -1,4 +1,4 @@
-"""The server's MQTT adapter (paho-mqtt 2.x; the only server module that imports paho).
+"""The server's MQTT ingestion adapter (paho-mqtt 2.x; ``deploy/mqtt.py`` publishes commands, same client set-up).
 
 :class:`MqttIngestService` owns one connection and feeds ingestion:
 
@@ -66,6 +66,26 @@ def paho_client(client_id: str, protocol: MQTTProtocolVersion, persistent: bool)
                        clean_session=not persistent)
 
 
+def configured_client(settings: FleetSettings, client_id: str, *, persistent: bool,
+                      factory: ClientFactory = paho_client) -> paho.Client:
+    """A client made by ``factory`` with the settings' protocol, TLS and credentials (no callbacks, not
+    connected); :class:`MqttError` when the TLS files or credentials are unusable."""
+    s = settings
+    protocol = MQTTProtocolVersion.MQTTv5 if s.mqtt_protocol == "5" else MQTTProtocolVersion.MQTTv311
+    client = factory(client_id, protocol, persistent)
+    try:
+        if s.mqtt_tls:
+            client.tls_set(ca_certs=str(s.mqtt_ca_file) if s.mqtt_ca_file else None,
+                           certfile=str(s.mqtt_cert_file) if s.mqtt_cert_file else None,
+                           keyfile=str(s.mqtt_key_file) if s.mqtt_key_file else None,
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if s.mqtt_username is not None:
+            client.username_pw_set(s.mqtt_username, s.mqtt_password)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise MqttError(f"MQTT settings unusable: {exc}") from exc
+    return client
+
+
 class MqttIngestService:
     """Subscribe, batch, write, acknowledge. ``start()`` connects; ``stop()`` flushes and disconnects."""
 
@@ -97,17 +117,7 @@ class MqttIngestService:
     def start(self) -> None:
         s = self.settings
         protocol = MQTTProtocolVersion.MQTTv5 if s.mqtt_protocol == "5" else MQTTProtocolVersion.MQTTv311
-        client = self._factory(s.mqtt_client_id, protocol, True)
-        try:
-            if s.mqtt_tls:
-                client.tls_set(ca_certs=str(s.mqtt_ca_file) if s.mqtt_ca_file else None,
-                               certfile=str(s.mqtt_cert_file) if s.mqtt_cert_file else None,
-                               keyfile=str(s.mqtt_key_file) if s.mqtt_key_file else None,
-                               tls_version=ssl.PROTOCOL_TLS_CLIENT)
-            if s.mqtt_username is not None:
-                client.username_pw_set(s.mqtt_username, s.mqtt_password)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise MqttError(f"MQTT settings unusable: {exc}") from exc
+        client = configured_client(s, s.mqtt_client_id, persistent=True, factory=self._factory)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

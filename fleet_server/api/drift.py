@@ -20,9 +20,10 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from pydantic import BaseModel
 
 from agent.drift import DriftLayoutError, DriftReport, DriftThresholds, Summary, score_summary
-from agent.protocol import IDENTIFIER_PATTERN, MAX_SEQ
+from agent.protocol import IDENTIFIER_PATTERN, MAX_SEQ, is_valid_identifier
 from fleet_server import audit
 from fleet_server.api.deps import Principal, require_role
+from fleet_server.api.errors import error_responses
 from fleet_server.db import SessionDep
 from fleet_server.models import (
     Baseline,
@@ -134,10 +135,15 @@ def _range(since: datetime | None, until: datetime | None) -> tuple[float, float
     return start, end
 
 
-def _device_list(values: list[str] | None) -> list[str] | None:
+def _device_list(values: list[str] | None, name: str = "devices") -> list[str] | None:
+    """Repeated and comma-separated device ids, sorted and unique; 422 naming a value that is not a device id."""
     if not values:
         return None
     out = sorted({v.strip() for item in values for v in item.split(",") if v.strip()})
+    for v in out:
+        if not is_valid_identifier(v):
+            raise HTTPException(UNPROCESSABLE, f"{name}: {v[:80]!r} is not a device id (1-64 characters of a-z, "
+                                               "0-9, '.', '_' or '-')")
     return out or None
 
 
@@ -181,7 +187,7 @@ def _load(session: SessionDep, **kw: Any) -> Merged:
         raise HTTPException(UNPROCESSABLE, str(exc)) from None
 
 
-@router.get("/drift", response_model=DriftPublic)
+@router.get("/drift", response_model=DriftPublic, responses=error_responses(404, 422))
 def get_drift(*, session: SessionDep, _: Viewer, model: ModelName, version: ModelVersion,
               devices: Annotated[list[str] | None, Query(description="device ids (repeat or comma-separate)")] = None,
               since: Since = None, until: Until = None) -> DriftPublic:
@@ -194,14 +200,14 @@ def get_drift(*, session: SessionDep, _: Viewer, model: ModelName, version: Mode
                        **group.model_dump())
 
 
-@router.get("/drift/compare", response_model=ComparePublic)
+@router.get("/drift/compare", response_model=ComparePublic, responses=error_responses(404, 422))
 def compare_drift(*, session: SessionDep, _: Viewer, model: ModelName, version: ModelVersion,
                   group_a: Annotated[list[str], Query(description="device ids of group A (e.g. canary)")],
                   group_b: Annotated[list[str], Query(description="device ids of group B (e.g. control)")],
                   since: Since = None, until: Until = None) -> ComparePublic:
     """Two device groups merged separately, each scored against the baseline, and A against B."""
     start, end = _range(since, until)
-    a_ids, b_ids = _device_list(group_a), _device_list(group_b)
+    a_ids, b_ids = _device_list(group_a, "group_a"), _device_list(group_b, "group_b")
     if a_ids is None or b_ids is None:
         raise HTTPException(UNPROCESSABLE, "group_a and group_b need at least one device")
     if set(a_ids) & set(b_ids):
@@ -218,7 +224,8 @@ def compare_drift(*, session: SessionDep, _: Viewer, model: ModelName, version: 
                          a_vs_b_top=_top(a_vs_b) if a_vs_b is not None else [], a_vs_b_error=error)
 
 
-@router.put("/models/{model}/versions/{version}/baseline", response_model=BaselinePublic)
+@router.put("/models/{model}/versions/{version}/baseline", response_model=BaselinePublic,
+            responses=error_responses(422))
 def put_baseline(*, session: SessionDep, who: Operator, body: BaselineCreate,
                  model: Annotated[str, Path(pattern=_ID)],
                  version: Annotated[int, Path(ge=0, le=MAX_SEQ)]) -> BaselinePublic:
@@ -245,7 +252,8 @@ def put_baseline(*, session: SessionDep, who: Operator, body: BaselineCreate,
                           thresholds=row.thresholds, updated_at=now, updated_by=who.actor)
 
 
-@router.get("/models/{model}/versions/{version}/baseline", response_model=BaselinePublic)
+@router.get("/models/{model}/versions/{version}/baseline", response_model=BaselinePublic,
+            responses=error_responses(404))
 def get_baseline(*, session: SessionDep, _: Viewer, model: Annotated[str, Path(pattern=_ID)],
                  version: Annotated[int, Path(ge=0, le=MAX_SEQ)]) -> BaselinePublic:
     row = session.get(Baseline, (model, version))
@@ -255,7 +263,7 @@ def get_baseline(*, session: SessionDep, _: Viewer, model: Annotated[str, Path(p
                           thresholds=row.thresholds, updated_at=row.updated_at, updated_by=row.updated_by)
 
 
-@router.get("/telemetry/completeness", response_model=CompletenessPublic)
+@router.get("/telemetry/completeness", response_model=CompletenessPublic, responses=error_responses(404, 422))
 def completeness(*, session: SessionDep, _: Viewer, device: Annotated[str, Query(pattern=_ID)],
                  since: Since = None, until: Until = None,
                  max_gaps: Annotated[int, Query(ge=1, le=10000)] = 1000) -> CompletenessPublic:
