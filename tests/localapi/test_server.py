@@ -17,6 +17,7 @@ import pytest
 
 from agent.localapi import LocalApiError, LocalClient
 from tests.conftest import samples
+from tests.services.required import unavailable
 
 ROW = samples("cancer_mlp_int8")["inputs"]["features"][0]
 
@@ -274,9 +275,7 @@ def _as_nobody(sock: Path, request: bytes = b"GET /v1/health HTTP/1.1\r\n\r\n") 
 
 def _need_root() -> None:
     if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("this test needs root to act as another local user; CI runs as root")
-        pytest.skip("needs root to switch to user 'nobody'")
+        unavailable("needs root to switch to user 'nobody' (CI runs as root)")
 
 
 def test_other_local_user_cannot_call_without_permission(start_agent: Any) -> None:

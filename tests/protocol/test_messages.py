@@ -802,7 +802,7 @@ def test_construction_validates(build: Callable[[], object], error: type[Protoco
 
 
 def test_numpy_values_are_not_plain_data() -> None:
-    np = pytest.importorskip("numpy")
+    import numpy as np
     with pytest.raises(InvalidFieldError, match="float32") as info:
         Event(device_id="d", stream_seq=0, kind="k", at=0, detail={"x": [1.0, np.float32(2.0)]})
     assert info.value.field == "detail.x[1]"

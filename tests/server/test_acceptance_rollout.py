@@ -65,6 +65,7 @@ from tests.server.acceptance_support import (
 from tests.server.deploy_support import CommandSubscriber
 from tests.services.mqtt import MosquittoBroker, find_mosquitto, wait_until
 from tests.services.postgres import PostgresCluster
+from tests.services.required import unavailable
 from tests.updater.support import Keys, make_bundle
 
 pytestmark = pytest.mark.integration
@@ -91,7 +92,7 @@ class Stack:
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     binary = find_mosquitto()
     if binary is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        unavailable("mosquitto is not installed (apt-get install mosquitto)")
     tmp = tmp_path_factory.mktemp(f"acceptance-{request.param}")
     cluster: PostgresCluster | None = None
     if request.param == "sqlite":

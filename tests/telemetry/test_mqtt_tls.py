@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from agent.telemetry.mqtt import AgentMqtt, MqttConfigError, MqttSettings, TlsSettings
 from agent.telemetry.outbox import Outbox
 from tests.services.mqtt import MosquittoBroker, find_mosquitto, wait_until
+from tests.services.required import unavailable
 from tests.telemetry.agent_harness import window_frame
 
 pytestmark = pytest.mark.integration
@@ -86,9 +87,7 @@ def _settings(broker: MosquittoBroker, tls: TlsSettings) -> MqttSettings:
 def test_device_certificate_connects_and_publishes_over_tls(pki: dict[str, Path], tmp_path: Path) -> None:
     binary = find_mosquitto()
     if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("mosquitto is missing: scripts/test installs it")
-        pytest.skip("apt-get install mosquitto")
+        unavailable("mosquitto is not installed (apt-get install mosquitto)")
     work = tmp_path / "broker"
     work.mkdir()
     broker = TlsMosquitto(binary, work, pki["ca"], pki["server_crt"], pki["server_key"])
