@@ -11,11 +11,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel
 from sqlmodel import col, select
 
-from fleet_server.api.deps import After, Limit, Principal, page_cursor, require_role
+from fleet_server.api.deps import Admin, After, Limit, page_cursor
 from fleet_server.api.errors import error_responses
 from fleet_server.db import SessionDep
 from fleet_server.models import AuditLog, AuditLogPublic
@@ -24,7 +24,6 @@ __all__ = ["AuditPage", "router"]
 
 router = APIRouter(prefix="/api/v1", tags=["audit"])
 
-Admin = Annotated[Principal, Depends(require_role("admin"))]
 _TEXT = r"^[^\x00-\x1f\x7f]+$"
 
 

@@ -14,12 +14,11 @@ Login successes and failures and logouts are audited (``auth.login``, ``auth.log
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
-from fleet_server.api.deps import Principal, SettingsDep, deny, public, require_role, same_origin_problem
+from fleet_server.api.deps import SettingsDep, Viewer, deny, public, same_origin_problem
 from fleet_server.api.errors import error_responses
 from fleet_server.auth import sessions
 from fleet_server.auth.roles import ROLES
@@ -31,7 +30,6 @@ __all__ = ["LoginPublic", "LoginRequest", "MePublic", "router", "set_session_coo
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
 
 
 class LoginRequest(BaseModel):

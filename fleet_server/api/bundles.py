@@ -43,7 +43,16 @@ from starlette.requests import ClientDisconnect
 from agent.bundle import TrustRoot
 from agent.protocol import IDENTIFIER_PATTERN
 from fleet_server import audit
-from fleet_server.api.deps import Principal, SettingsDep, public, require_role
+from fleet_server.api.deps import (
+    ID_PATTERN,
+    Admin,
+    Limit,
+    Principal,
+    ReleaseManager,
+    SettingsDep,
+    Viewer,
+    public,
+)
 from fleet_server.api.errors import error_responses
 from fleet_server.bundles.catalog import (
     BundleConflictError,
@@ -77,9 +86,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["bundles"])
 download_router = APIRouter(tags=["bundles"])
 
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
-ReleaseManager = Annotated[Principal, Depends(require_role("release_manager"))]
-Admin = Annotated[Principal, Depends(require_role("admin"))]
 
 DIGEST_PATTERN: Final = r"^[0-9a-f]{64}$"
 
@@ -100,7 +106,6 @@ class _DigestConvertor(Convertor[str]):
 register_url_convertor("sha256", _DigestConvertor())  # idempotent: the same convertor under the same name
 Digest = Annotated[str, Path(pattern=DIGEST_PATTERN, description="bundle digest: sha256 of its manifest (hex)")]
 MAX_VERSION: Final = 2**63 - 1
-Limit = Annotated[int, Query(ge=1, le=1000, description="page size (1..1000)")]
 After = Annotated[str | None, Query(pattern=f"^{IDENTIFIER_PATTERN}@[0-9]{{1,19}}$",
                                     description="the `next` value of the previous page (opaque)")]
 """A keyset cursor: the (model, version) of the last item of the previous page. Every value the pattern admits
@@ -356,7 +361,7 @@ async def upload_bundle(request: Request, response: Response, who: ReleaseManage
 
 @router.get("/bundles", response_model=BundlePage, responses=error_responses(422))
 def list_bundles(session: SessionDep, _: Viewer, settings: SettingsDep,
-                 model: Annotated[str | None, Query(pattern=f"^{IDENTIFIER_PATTERN}$",
+                 model: Annotated[str | None, Query(pattern=ID_PATTERN,
                                                     description="only this model")] = None,
                  limit: Limit = 100, after: After = None) -> BundlePage:
     """Stored bundles by model name, newest version first (without manifests: see ``GET /bundles/{digest}``)."""

@@ -19,11 +19,10 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 
-from agent.protocol import IDENTIFIER_PATTERN
 from fleet_server import audit
-from fleet_server.api.deps import Principal, require_role
+from fleet_server.api.deps import ID_PATTERN, Limit, Operator, Viewer
 from fleet_server.api.errors import error_responses
 from fleet_server.db import SessionDep
 from fleet_server.models import Cohort, CohortMember, Device, RolloutRecord, table_of, utcnow
@@ -43,16 +42,12 @@ __all__ = ["ACTIVE_ROLLOUT_STATES", "router"]
 
 router = APIRouter(prefix="/api/v1", tags=["cohorts"])
 
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
-Operator = Annotated[Principal, Depends(require_role("operator"))]
 
-_ID = f"^{IDENTIFIER_PATTERN}$"
 ACTIVE_ROLLOUT_STATES = ("draft", "running", "paused")
 """Rollouts in these states still resolve their cohorts: such a cohort cannot be deleted."""
 
-CohortName = Annotated[str, Path(pattern=_ID, description="cohort name")]
-Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
-After = Annotated[str | None, Query(pattern=_ID, description="the previous page's `next` (the last key it holds)")]
+CohortName = Annotated[str, Path(pattern=ID_PATTERN, description="cohort name")]
+After = Annotated[str | None, Query(pattern=ID_PATTERN, description="the previous page's `next`")]
 
 
 def _row(conn: sa.Connection, name: str) -> dict[str, Any]:
@@ -216,7 +211,7 @@ def add_members(*, session: SessionDep, who: Operator, name: CohortName, body: M
 @router.delete("/cohorts/{name}/members/{device_id}", status_code=status.HTTP_204_NO_CONTENT,
                response_class=Response, responses=error_responses(404))
 def remove_member(*, session: SessionDep, who: Operator, name: CohortName,
-                  device_id: Annotated[str, Path(pattern=_ID, description="device id")]) -> Response:
+                  device_id: Annotated[str, Path(pattern=ID_PATTERN, description="device id")]) -> Response:
     """Remove an explicit member (404 if it is not one; a device matching the selector stays in the cohort
     until its labels change)."""
     conn = session.connection()

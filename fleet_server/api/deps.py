@@ -39,6 +39,7 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
+from agent.protocol import IDENTIFIER_PATTERN
 from fleet_server import audit
 from fleet_server.auth.roles import ROLES, role_at_least, roles_up_to
 from fleet_server.auth.sessions import (
@@ -54,12 +55,17 @@ from fleet_server.settings import FleetSettings
 
 __all__ = [
     "BOOTSTRAP_ACTOR",
+    "ID_PATTERN",
     "ROLES",
     "UNSAFE_METHODS",
+    "Admin",
     "After",
     "Limit",
+    "Operator",
     "Principal",
+    "ReleaseManager",
     "SettingsDep",
+    "Viewer",
     "deny",
     "page_cursor",
     "public",
@@ -243,6 +249,16 @@ def require_role(role: str) -> Callable[..., Principal]:
     dependency.required_role = role  # type: ignore[attr-defined]
     dependency.role = role  # type: ignore[attr-defined]
     return dependency
+
+
+Viewer = Annotated[Principal, Depends(require_role("viewer"))]
+"""A route parameter that admits ``viewer`` and stronger roles (and gives the route its :class:`Principal`)."""
+Operator = Annotated[Principal, Depends(require_role("operator"))]
+ReleaseManager = Annotated[Principal, Depends(require_role("release_manager"))]
+Admin = Annotated[Principal, Depends(require_role("admin"))]
+
+ID_PATTERN = f"^{IDENTIFIER_PATTERN}$"
+"""The wire identifier rule (device ids, model and cohort names) as a path/query ``pattern``."""
 
 
 # -- pagination -------------------------------------------------------------------------------------------

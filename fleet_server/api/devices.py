@@ -17,13 +17,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import StringConstraints
 from sqlmodel import Session
 
-from agent.protocol import DEPLOY_EVENT_KINDS, IDENTIFIER_PATTERN, MAX_SEQ
+from agent.protocol import DEPLOY_EVENT_KINDS, MAX_SEQ
 from fleet_server import audit
-from fleet_server.api.deps import Principal, SettingsDep, require_role
+from fleet_server.api.deps import ID_PATTERN, Admin, Limit, Operator, SettingsDep, Viewer
 from fleet_server.api.errors import error_responses
 from fleet_server.db import SessionDep
 from fleet_server.models import (
@@ -69,18 +69,13 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
-Operator = Annotated[Principal, Depends(require_role("operator"))]
-Admin = Annotated[Principal, Depends(require_role("admin"))]
 
 UNPROCESSABLE = 422
-_ID = f"^{IDENTIFIER_PATTERN}$"
 _LABEL = f"^{LABEL_KEY_PATTERN.strip('^$')}={LABEL_VALUE_PATTERN.strip('^$')}$"
 
 LabelFilter = Annotated[str, StringConstraints(pattern=_LABEL)]
-DeviceIdPath = Annotated[str, Path(pattern=_ID, description="device id")]
-Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
-After = Annotated[str | None, Query(pattern=_ID, description="the previous page's `next` (the last id it holds)")]
+DeviceIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="device id")]
+After = Annotated[str | None, Query(pattern=ID_PATTERN, description="the previous page's `next`")]
 HistoryLimit = Annotated[int, Query(ge=1, le=1000, description="most entries of each history list")]
 
 
@@ -187,14 +182,14 @@ def register_device(*, session: SessionDep, who: Operator, settings: SettingsDep
 def get_devices(
     *, session: SessionDep, _: Viewer, settings: SettingsDep,
     state: Annotated[DeviceState | None, Query(alias="status", description="device state")] = None,
-    cohort: Annotated[str | None, Query(pattern=_ID, description="in this cohort")] = None,
+    cohort: Annotated[str | None, Query(pattern=ID_PATTERN, description="in this cohort")] = None,
     label: Annotated[list[LabelFilter] | None, Query(max_length=MAX_LABELS,
                                                      description="`key=value`, repeatable; all must match")] = None,
-    model: Annotated[str | None, Query(pattern=_ID, description="serves this model")] = None,
+    model: Annotated[str | None, Query(pattern=ID_PATTERN, description="serves this model")] = None,
     version: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="at this version (with `model`: of it)")
                        ] = None,
-    profile: Annotated[str | None, Query(pattern=_ID, description="firmware profile")] = None,
-    q: Annotated[str | None, Query(pattern=_ID, description="device id prefix")] = None,
+    profile: Annotated[str | None, Query(pattern=ID_PATTERN, description="firmware profile")] = None,
+    q: Annotated[str | None, Query(pattern=ID_PATTERN, description="device id prefix")] = None,
     limit: Limit = 100, after: After = None,
 ) -> DeviceListPublic:
     """Devices by id, filtered; ``next`` is the cursor of the following page (null on the last). A cohort

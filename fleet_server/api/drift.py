@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel
 
 from agent.drift import DriftLayoutError, DriftReport, DriftThresholds, Summary, score_summary
-from agent.protocol import IDENTIFIER_PATTERN, MAX_SEQ, is_valid_identifier
+from agent.protocol import MAX_SEQ, is_valid_identifier
 from fleet_server import audit
-from fleet_server.api.deps import Principal, require_role
+from fleet_server.api.deps import ID_PATTERN, Operator, Viewer
 from fleet_server.api.errors import error_responses
 from fleet_server.db import SessionDep
 from fleet_server.models import (
@@ -41,14 +41,11 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1", tags=["drift"])
 
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
-Operator = Annotated[Principal, Depends(require_role("operator"))]
 
 DEFAULT_RANGE_S = 86400.0
 UNPROCESSABLE = 422  # the request is well-formed but its values cannot be used
-_ID = f"^{IDENTIFIER_PATTERN}$"
 
-ModelName = Annotated[str, Query(pattern=_ID, description="model name")]
+ModelName = Annotated[str, Query(pattern=ID_PATTERN, description="model name")]
 ModelVersion = Annotated[int, Query(ge=0, le=MAX_SEQ, description="model version")]
 Since = Annotated[datetime | None, Query(description="ISO 8601 or unix seconds; default: until - 24 h")]
 Until = Annotated[datetime | None, Query(description="ISO 8601 or unix seconds (exclusive); default: now")]
@@ -227,7 +224,7 @@ def compare_drift(*, session: SessionDep, _: Viewer, model: ModelName, version: 
 @router.put("/models/{model}/versions/{version}/baseline", response_model=BaselinePublic,
             responses=error_responses(422))
 def put_baseline(*, session: SessionDep, who: Operator, body: BaselineCreate,
-                 model: Annotated[str, Path(pattern=_ID)],
+                 model: Annotated[str, Path(pattern=ID_PATTERN)],
                  version: Annotated[int, Path(ge=0, le=MAX_SEQ)]) -> BaselinePublic:
     """Register (or replace) the drift baseline of a model version. Audited."""
     try:
@@ -254,7 +251,7 @@ def put_baseline(*, session: SessionDep, who: Operator, body: BaselineCreate,
 
 @router.get("/models/{model}/versions/{version}/baseline", response_model=BaselinePublic,
             responses=error_responses(404))
-def get_baseline(*, session: SessionDep, _: Viewer, model: Annotated[str, Path(pattern=_ID)],
+def get_baseline(*, session: SessionDep, _: Viewer, model: Annotated[str, Path(pattern=ID_PATTERN)],
                  version: Annotated[int, Path(ge=0, le=MAX_SEQ)]) -> BaselinePublic:
     row = session.get(Baseline, (model, version))
     if row is None:
@@ -264,7 +261,7 @@ def get_baseline(*, session: SessionDep, _: Viewer, model: Annotated[str, Path(p
 
 
 @router.get("/telemetry/completeness", response_model=CompletenessPublic, responses=error_responses(404, 422))
-def completeness(*, session: SessionDep, _: Viewer, device: Annotated[str, Query(pattern=_ID)],
+def completeness(*, session: SessionDep, _: Viewer, device: Annotated[str, Query(pattern=ID_PATTERN)],
                  since: Since = None, until: Until = None,
                  max_gaps: Annotated[int, Query(ge=1, le=10000)] = 1000) -> CompletenessPublic:
     """Windows and events received vs expected (by sequence number), and drift coverage by time."""

@@ -29,11 +29,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.protocol import IDENTIFIER_PATTERN
-from fleet_server.api.deps import Principal, require_role
+from fleet_server.api.deps import ID_PATTERN, Limit, Operator, Principal, ReleaseManager, Viewer
 from fleet_server.api.errors import error_responses
 from fleet_server.bundles.compat import incompatible_devices_for_bundle
 from fleet_server.deploy.bridge import Outgoing
@@ -81,12 +81,8 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1", tags=["rollouts"])
 
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
-Operator = Annotated[Principal, Depends(require_role("operator"))]
-ReleaseManager = Annotated[Principal, Depends(require_role("release_manager"))]
 
 UNPROCESSABLE = 422
-_ID = f"^{IDENTIFIER_PATTERN}$"
 _DIGEST = "^[0-9a-f]{64}$"
 _HHMM = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
 _LIST_CURSOR = f"^[0-9]{{1,16}}~{IDENTIFIER_PATTERN}$"
@@ -96,7 +92,7 @@ _BUNDLES = table_of(BundleRecord)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-RolloutId = Annotated[str, Path(pattern=_ID, description="rollout id")]
+RolloutId = Annotated[str, Path(pattern=ID_PATTERN, description="rollout id")]
 
 
 # -- request bodies ---------------------------------------------------------------------------------------
@@ -182,7 +178,7 @@ class RolloutCreate(_In):
 
     name: str = Field(min_length=1, max_length=256)
     bundle: str = Field(pattern=_DIGEST, description="the bundle digest (sha256 of its manifest)")
-    cohorts: list[Annotated[str, Field(pattern=_ID)]] = Field(min_length=1, max_length=100)
+    cohorts: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(min_length=1, max_length=100)
     phases: list[PhaseIn] = Field(min_length=1, max_length=100)
     max_concurrent: int = Field(100, ge=1, le=10_000_000)
     rate: RateIn = Field(default_factory=lambda: ConstantRateIn(kind="constant", per_minute=1000.0))
@@ -217,7 +213,7 @@ class RollbackIn(ActionIn):
 
 
 class RetryIn(ActionIn):
-    devices: list[Annotated[str, Field(pattern=_ID)]] | None = Field(
+    devices: list[Annotated[str, Field(pattern=ID_PATTERN)]] | None = Field(
         None, max_length=100_000, description="retry only these of the failed devices (default: all of them)")
 
 
@@ -439,7 +435,7 @@ def create_rollout(*, request: Request, who: ReleaseManager, body: RolloutCreate
 @router.get("/rollouts", response_model=RolloutPage, responses=error_responses(422))
 def list_rollouts(*, request: Request, _: Viewer,
                   status_: Annotated[RolloutStatus | None, Query(alias="status")] = None,
-                  limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                  limit: Limit = 100,
                   after: Annotated[str | None, Query(pattern=_LIST_CURSOR, description=(
                       "the `next` value of the previous page (opaque)"))] = None) -> RolloutPage:
     """Rollouts, newest first (optionally only those in ``status``)."""
@@ -468,8 +464,8 @@ def get_rollout(*, request: Request, _: Viewer, rollout_id: RolloutId) -> Rollou
 @router.get("/rollouts/{rollout_id}/devices", response_model=RolloutDevicePage, responses=error_responses(404, 422))
 def list_rollout_devices(*, request: Request, _: Viewer, rollout_id: RolloutId,
                          step: Annotated[DeviceStep | None, Query()] = None,
-                         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                         after: Annotated[str | None, Query(pattern=_ID, description=(
+                         limit: Limit = 100,
+                         after: Annotated[str | None, Query(pattern=ID_PATTERN, description=(
                              "the `next` value of the previous page (opaque)"))] = None) -> RolloutDevicePage:
     """Per-device states of the devices this rollout has ordered (by device id; ``?step=`` filters)."""
     q = sa.select(ROLLOUT_DEVICES).where(ROLLOUT_DEVICES.c.rollout_id == rollout_id)

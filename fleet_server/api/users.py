@@ -18,11 +18,11 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import col, select
 
-from fleet_server.api.deps import After, Limit, Principal, deny, page_cursor, require_role
+from fleet_server.api.deps import Admin, After, Limit, Viewer, deny, page_cursor
 from fleet_server.api.errors import error_responses
 from fleet_server.auth import tokens as tokens_mod
 from fleet_server.auth import users as users_mod
@@ -34,8 +34,6 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1", tags=["users"])
 
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
-Admin = Annotated[Principal, Depends(require_role("admin"))]
 Role = Literal["viewer", "operator", "release_manager", "admin"]
 Username = Annotated[str, Path(pattern=USERNAME_PATTERN, max_length=64, description="user name")]
 TokenId = Annotated[int, Path(ge=1, le=2**31 - 1, description="token id")]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 
-from agent.protocol import IDENTIFIER_PATTERN, MAX_SEQ
-from fleet_server.api.deps import After, Limit, Principal, require_role
+from agent.protocol import MAX_SEQ
+from fleet_server.api.deps import ID_PATTERN, After, Limit, Viewer
 from fleet_server.api.errors import error_responses
 from fleet_server.db import SessionDep
 from fleet_server.registry.cohorts import UnknownCohortError
@@ -36,11 +36,9 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1", tags=["versions"])
 
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
 
-_ID = f"^{IDENTIFIER_PATTERN}$"
-AfterDevice = Annotated[str | None, Query(pattern=_ID, description="the previous page's `next` (the last device id)")]
-CohortQuery = Annotated[str | None, Query(pattern=_ID, description="only devices in this cohort")]
+AfterDevice = Annotated[str | None, Query(pattern=ID_PATTERN, description="the previous page's `next`")]
+CohortQuery = Annotated[str | None, Query(pattern=ID_PATTERN, description="only devices in this cohort")]
 
 
 def _unknown_cohort(exc: UnknownCohortError) -> HTTPException:
@@ -49,7 +47,7 @@ def _unknown_cohort(exc: UnknownCohortError) -> HTTPException:
 
 @router.get("/versions", response_model=VersionDistributionPublic, responses=error_responses(404, 422))
 def version_distribution(*, session: SessionDep, _: Viewer,
-                         model: Annotated[str | None, Query(pattern=_ID, description="only this model")] = None,
+                         model: Annotated[str | None, Query(pattern=ID_PATTERN, description="only this model")] = None,
                          cohort: CohortQuery = None) -> VersionDistributionPublic:
     """Devices per model and version (newest version first within a model)."""
     try:
@@ -61,7 +59,7 @@ def version_distribution(*, session: SessionDep, _: Viewer,
 
 
 @router.get("/versions/{model}/behind", response_model=VersionBehindPublic, responses=error_responses(404, 422))
-def devices_behind(*, session: SessionDep, _: Viewer, model: Annotated[str, Path(pattern=_ID)],
+def devices_behind(*, session: SessionDep, _: Viewer, model: Annotated[str, Path(pattern=ID_PATTERN)],
                    cohort: CohortQuery = None,
                    latest: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="the version to be on")] = None,
                    include_missing: Annotated[bool, Query(description="also devices not serving the model")] = False,
@@ -91,8 +89,8 @@ def devices_behind(*, session: SessionDep, _: Viewer, model: Annotated[str, Path
 
 @router.get("/version-changes", response_model=VersionChangeListPublic, responses=error_responses(422))
 def version_changes(*, session: SessionDep, _: Viewer,
-                    device: Annotated[str | None, Query(pattern=_ID, description="only this device")] = None,
-                    model: Annotated[str | None, Query(pattern=_ID, description="only this model")] = None,
+                    device: Annotated[str | None, Query(pattern=ID_PATTERN, description="only this device")] = None,
+                    model: Annotated[str | None, Query(pattern=ID_PATTERN, description="only this model")] = None,
                     rollout: Annotated[str | None, Query(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$",
                                                          description="only changes caused by this rollout")] = None,
                     limit: Limit = 100, after: After = None) -> VersionChangeListPublic:

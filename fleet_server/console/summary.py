@@ -13,13 +13,12 @@ included). The version distribution per model is ``GET /api/v1/versions``.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from pydantic import BaseModel
 
-from fleet_server.api.deps import Principal, SettingsDep, require_role
+from fleet_server.api.deps import SettingsDep, Viewer
 from fleet_server.api.errors import error_responses
 from fleet_server.db import SessionDep
 from fleet_server.models import Device, RolloutRecord, table_of, utcnow
@@ -30,7 +29,6 @@ __all__ = ["SummaryPublic", "fleet_summary", "router"]
 
 router = APIRouter(prefix="/api/v1", tags=["summary"])
 
-Viewer = Annotated[Principal, Depends(require_role("viewer"))]
 
 
 class SummaryPublic(BaseModel):
