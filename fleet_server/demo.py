@@ -91,11 +91,16 @@ def _bundle(version: int, release_key: Path, workdir: Path) -> bytes:
     return out.read_bytes()
 
 
-def _free_port() -> int:
+def _free_port(wanted: int = 0) -> int:
+    """``wanted`` if it can be listened on (any free port for 0); ``ValueError`` saying what to do otherwise."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", wanted))
+        except OSError as exc:
+            raise ValueError(f"port {wanted} is not available ({exc.strerror}): pass --port N, or --port 0 for "
+                             "any free port") from None
         return int(s.getsockname()[1])
 
 
@@ -120,9 +125,9 @@ def run_demo(*, devices: int = 60, port: int = 0, workdir: Path | None = None, k
 
     if devices < 20:
         raise ValueError("the demo needs at least 20 devices (a canary phase of 10 % must hold a few)")
+    port = _free_port(port)
     workdir = Path(tempfile.mkdtemp(prefix="fleet-demo-")) if workdir is None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
     say(f"== fleet-server demo: {devices} simulated devices; state in {workdir}")
 
     root_file, orders_file, release_key = _keys(workdir)
@@ -293,9 +298,5 @@ def _follow(api: Any, rollout: str, say: Callable[[str], None], timeout_s: float
 
 
 def _version_counts(dist: Any) -> dict[int, int]:
-    out: dict[int, int] = {}
-    items = dist["items"] if isinstance(dist, dict) and "items" in dist else dist
-    for row in items:
-        if row.get("model", MODEL) == MODEL:
-            out[int(row["version"])] = out.get(int(row["version"]), 0) + int(row.get("devices", 0))
-    return out
+    """Devices per version of the demo model, from ``GET /api/v1/versions?model=...``."""
+    return {int(row["version"]): int(row["devices"]) for row in dist["items"] if row["model"] == MODEL}
