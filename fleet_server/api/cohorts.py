@@ -87,7 +87,7 @@ def _referencing_rollouts(conn: sa.Connection, name: str) -> list[str]:
              responses=error_responses(409, 422))
 def create_cohort(*, session: SessionDep, who: Operator, body: CohortCreate) -> CohortPublic:
     """Create a cohort (409 if the name exists)."""
-    conn = session.connection(execution_options={"sqlite_immediate": True})  # SQLite: see register_device
+    conn = session.connection()  # a write request: its transaction takes SQLite's write lock first (db.get_session)
     c = table_of(Cohort)
     if conn.execute(sa.select(c.c.name).where(c.c.name == body.name)).first() is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"cohort {body.name!r} already exists")

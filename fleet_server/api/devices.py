@@ -159,9 +159,7 @@ def register_device(*, session: SessionDep, who: Operator, settings: SettingsDep
                     body: DeviceCreate) -> DeviceDetailPublic:
     """Pre-register a device (it stays ``never`` until its first message). 409 if the id exists."""
     _check_profile(body.firmware_profile)
-    # SQLite: take the write lock before the read (BEGIN IMMEDIATE), else a commit by another writer between the
-    # read and the insert fails the insert at once with "database is locked" (the busy timeout does not apply)
-    conn = session.connection(execution_options={"sqlite_immediate": True})
+    conn = session.connection()  # a write request: its transaction takes SQLite's write lock first (db.get_session)
     d = table_of(Device)
     if conn.execute(sa.select(d.c.id).where(d.c.id == body.id)).first() is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"device {body.id!r} already exists")
