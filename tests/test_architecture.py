@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("agent.protocol", "agent.drift", "agent.model", "agent.profiles", "agent.statedir", "agent.bundle")
 # What the server may take from the agent package besides the shared contracts.
-SERVER_MAY_USE = (*SHARED, "agent.clitools")
+SERVER_MAY_USE = (*SHARED, "agent.clitools", "agent.fsutil")  # CLI helpers; durable-write helpers (stdlib only)
 SHARED_THIRD_PARTY = {"numpy", "cryptography", "msgpack"}
 HEAVY = {"fastapi", "sqlmodel", "sqlalchemy", "pandas", "tensorflow", "starlette", "alembic", "uvicorn"}
 ADAPTERS = {

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
-__all__ = ["BundleStore", "StoredFile", "TooLargeError", "Upload", "fsync_dir"]
+from agent.fsutil import fsync_dir
+
+__all__ = ["BundleStore", "StoredFile", "TooLargeError", "Upload"]
 
 TMP_PREFIX: Final = "upload-"
 TMP_SUFFIX: Final = ".part"
@@ -53,15 +55,6 @@ class TooLargeError(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the bundle is larger than the limit of {limit} bytes (bundle_max_bytes)")
         self.limit = limit
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so the names in it (a rename, a removal) survive power loss."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
