@@ -63,6 +63,7 @@ from agent.protocol import (
 )
 from fleet_server.db import DatabaseUnavailableError, is_postgresql
 from fleet_server.models import Device, DriftWindowRecord, EventRecord, StreamState, table_of
+from fleet_server.prometheus import metric_lines
 from fleet_server.registry.versions import ModelReport, attribute_late, record_model_reports
 
 __all__ = [
@@ -177,9 +178,7 @@ class IngestMetrics:
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
-            lines.append(f"# HELP fleet_ingest_{name} {help_text}")
-            lines.append(f"# TYPE fleet_ingest_{name} {kind}")
-            lines.extend(f"fleet_ingest_{name}{labels} {value}" for labels, value in samples)
+            lines.extend(metric_lines(f"fleet_ingest_{name}", kind, help_text, samples))
 
         metric("received_total", "counter", "MQTT messages received.", [("", self.received)])
         metric("stored_total", "counter", "Stream messages stored.",

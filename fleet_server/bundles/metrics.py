@@ -10,6 +10,8 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 
+from fleet_server.prometheus import metric_lines
+
 __all__ = ["METRICS", "BundleMetrics", "bundle_metrics"]
 
 
@@ -52,9 +54,7 @@ class BundleMetrics:
         lines: list[str] = []
 
         def metric(name: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
-            lines.append(f"# HELP fleet_bundle_{name} {help_text}")
-            lines.append(f"# TYPE fleet_bundle_{name} counter")
-            lines.extend(f"fleet_bundle_{name}{labels} {value}" for labels, value in samples)
+            lines.extend(metric_lines(f"fleet_bundle_{name}", "counter", help_text, samples))
 
         metric("download_requests_total", "Bundle download requests (GET and HEAD), by HTTP status.",
                [(f'{{status="{s}"}}', n) for s, n in requests])

@@ -9,7 +9,6 @@ loop's ticks and errors) are added when the bridge and loop run in this process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -18,6 +17,7 @@ from fleet_server.deploy.bridge import CommandBridge
 from fleet_server.deploy.loop import EVENTS_CURSOR, RolloutLoop
 from fleet_server.deploy.store import ROLLOUT_DEVICES, ROLLOUTS
 from fleet_server.models import CommandRecord, Counter, EventRecord, table_of
+from fleet_server.prometheus import metric_lines
 from fleet_server.rollouts import DeviceStep, RolloutStatus
 
 __all__ = ["rollout_metrics"]
@@ -25,12 +25,6 @@ __all__ = ["rollout_metrics"]
 _COMMANDS = table_of(CommandRecord)
 _COUNTERS = table_of(Counter)
 _EVENTS = table_of(EventRecord)
-
-
-def _block(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    lines += [f"{name}{labels} {value:g}" for labels, value in samples]
-    return lines
 
 
 def rollout_metrics(engine: Engine, *, loop: RolloutLoop | None = None, bridge: CommandBridge | None = None,
@@ -52,41 +46,41 @@ def rollout_metrics(engine: Engine, *, loop: RolloutLoop | None = None, bridge: 
         oldest = conn.execute(sa.select(sa.func.min(_EVENTS.c.received_at)).where(_EVENTS.c.id > cursor)).scalar()
     lag = max(0.0, now - oldest.timestamp()) if oldest is not None else 0.0
     lines: list[str] = []
-    lines += _block("fleet_rollouts", "gauge", "Rollouts by status.",
+    lines += metric_lines("fleet_rollouts", "gauge", "Rollouts by status.",
                     [(f'{{status="{s.value}"}}', statuses.get(s.value, 0)) for s in RolloutStatus])
-    lines += _block("fleet_rollout_devices", "gauge", "Devices of running and paused rollouts, by step.",
+    lines += metric_lines("fleet_rollout_devices", "gauge", "Devices of running and paused rollouts, by step.",
                     [(f'{{step="{s.value}"}}', steps.get(s.value, 0)) for s in DeviceStep
                      if s is not DeviceStep.NOT_STARTED])
-    lines += _block("fleet_rollout_commands", "gauge", "Stored commands by kind and state.",
+    lines += metric_lines("fleet_rollout_commands", "gauge", "Stored commands by kind and state.",
                     [(f'{{kind="{k}",state="{s}"}}', commands.get((k, s), 0))
                      for k in ("deploy", "cancel") for s in ("pending", "acked", "expired")])
-    lines += _block("fleet_rollout_orders_sent_total", "counter", "Signed commands ever stored, by kind.",
+    lines += metric_lines("fleet_rollout_orders_sent_total", "counter", "Signed commands ever stored, by kind.",
                     [(f'{{kind="{k}"}}', sum(n for (kk, _), n in commands.items() if kk == k))
                      for k in ("deploy", "cancel")])
-    lines += _block("fleet_rollout_loop_lag_seconds", "gauge",
+    lines += metric_lines("fleet_rollout_loop_lag_seconds", "gauge",
                     "Age of the oldest stored event the rollout loop has not consumed (0: none).",
                     [("", round(lag, 3))])
     if bridge is not None:
         m = bridge.metrics
-        lines += _block("fleet_rollout_bridge_published_total", "counter",
+        lines += metric_lines("fleet_rollout_bridge_published_total", "counter",
                         "Command copies published by this replica (first sends and resends).",
                         [('{copy="first"}', m.published), ('{copy="resend"}', m.resent)])
-        lines += _block("fleet_rollout_bridge_publish_failures_total", "counter",
+        lines += metric_lines("fleet_rollout_bridge_publish_failures_total", "counter",
                         "Publishes the MQTT client did not take (retried by the resend schedule).",
                         [("", m.publish_failures)])
-        lines += _block("fleet_rollout_bridge_expired_total", "counter",
+        lines += metric_lines("fleet_rollout_bridge_expired_total", "counter",
                         "Commands this replica marked expired (never acknowledged).", [("", m.expired)])
     if loop is not None:
         lm = loop.metrics
         age = now - lm.last_tick_at if lm.last_tick_at is not None else -1.0
-        lines += _block("fleet_rollout_loop_ticks_total", "counter", "Rollout loop ticks in this replica.",
+        lines += metric_lines("fleet_rollout_loop_ticks_total", "counter", "Rollout loop ticks in this replica.",
                         [("", lm.ticks)])
-        lines += _block("fleet_rollout_loop_tick_errors_total", "counter", "Ticks that failed (logged).",
+        lines += metric_lines("fleet_rollout_loop_tick_errors_total", "counter", "Ticks that failed (logged).",
                         [("", lm.tick_errors)])
-        lines += _block("fleet_rollout_loop_last_tick_age_seconds", "gauge",
+        lines += metric_lines("fleet_rollout_loop_last_tick_age_seconds", "gauge",
                         "Seconds since the last tick (-1: none yet).", [("", round(age, 3))])
-        lines += _block("fleet_rollout_loop_tick_seconds", "gauge", "Duration of the last tick.",
+        lines += metric_lines("fleet_rollout_loop_tick_seconds", "gauge", "Duration of the last tick.",
                         [("", round(lm.last_tick_s, 6))])
-        lines += _block("fleet_rollout_decisions_total", "counter", "Decisions carried out, by type.",
+        lines += metric_lines("fleet_rollout_decisions_total", "counter", "Decisions carried out, by type.",
                         [(f'{{decision="{k}"}}', v) for k, v in sorted(lm.decisions.items())])
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from fleet_server.models import Device, table_of
+from fleet_server.prometheus import metric_lines
 from fleet_server.registry.devices import DeviceState
 
 __all__ = ["registry_metrics"]
@@ -28,7 +29,7 @@ def registry_metrics(conn: sa.Connection, now: datetime, stale_after_s: float) -
     per_device = sa.select(state).select_from(d).subquery()
     counts = {str(r.state): int(r.n) for r in conn.execute(
         sa.select(per_device.c.state, sa.func.count().label("n")).group_by(per_device.c.state))}
-    lines = ["# HELP fleet_devices Registered devices by state (online, offline, stale, never heard from, revoked).",
-             "# TYPE fleet_devices gauge"]
-    lines += [f'fleet_devices{{state="{s.value}"}} {counts.get(s.value, 0)}' for s in DeviceState]
+    lines = metric_lines("fleet_devices", "gauge",
+                         "Registered devices by state (online, offline, stale, never heard from, revoked).",
+                         [(f'{{state="{s.value}"}}', counts.get(s.value, 0)) for s in DeviceState])
     return "\n".join(lines) + "\n"
