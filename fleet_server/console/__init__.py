@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fleet_server.api.deps import ROLES, public
 from fleet_server.auth.policy import PUBLIC, iter_routes
 from fleet_server.console import summary
+from fleet_server.rollouts.operations import ALLOWED_FROM
 
 __all__ = ["ASSETS", "ROLLOUT_ACTION_STATES", "SECURITY_HEADERS", "rollout_action_roles", "router"]
 
@@ -69,15 +70,9 @@ ASSETS: Mapping[str, str] = {
 reachable, so no path can escape the directory)."""
 
 ROLLOUT_ACTION_STATES: Mapping[str, tuple[str, ...]] = {
-    "start": ("draft",),
-    "pause": ("running",),
-    "resume": ("paused",),
-    "abort": ("draft", "running", "paused", "completed"),
-    "rollback": ("running", "paused", "completed", "aborted"),
-    "retry-failed": ("running", "paused", "completed"),
-}
-"""The rollout states each action is allowed from: the table of ``fleet_server.rollouts.operations`` (a test
-checks them against the pure operations). Only decides which buttons the console shows."""
+    action: tuple(s.value for s in states) for action, states in ALLOWED_FROM.items()}
+"""The rollout states each action is allowed from (``fleet_server.rollouts.operations.ALLOWED_FROM``). Only
+decides which buttons the console shows."""
 
 _static = APIRouter(include_in_schema=False, dependencies=[Depends(public)])
 

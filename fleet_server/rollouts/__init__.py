@@ -50,6 +50,7 @@ from fleet_server.rollouts.model import (
     rate_window,
 )
 from fleet_server.rollouts.operations import (
+    ALLOWED_FROM,
     CANCELLABLE_STEPS,
     RETRYABLE_STEPS,
     Outcome,
@@ -64,6 +65,7 @@ from fleet_server.rollouts.policy import NOT_STARTED, Tally, apply_decisions, bu
 from fleet_server.rollouts.selection import cumulative_sizes, rank_devices, rank_key, select_devices
 
 __all__ = [
+    "ALLOWED_FROM",
     "CANCELLABLE_STEPS",
     "DAY_S",
     "FAILURE_STEPS",

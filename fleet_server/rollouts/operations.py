@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
 
 from fleet_server.rollouts.decisions import Decision, SendCancel, cancel_command_id
 from fleet_server.rollouts.errors import InvalidTransitionError, RolloutSpecError
@@ -33,6 +35,7 @@ from fleet_server.rollouts.model import (
 from fleet_server.rollouts.policy import decide
 
 __all__ = [
+    "ALLOWED_FROM",
     "CANCELLABLE_STEPS",
     "RETRYABLE_STEPS",
     "Outcome",
@@ -61,20 +64,33 @@ class Outcome:
     devices: Mapping[str, DeviceState] = field(default_factory=dict)
 
 
-def _require(operation: str, state: RolloutState, allowed: tuple[RolloutStatus, ...]) -> None:
+ALLOWED_FROM: Final[Mapping[str, tuple[RolloutStatus, ...]]] = MappingProxyType({
+    "start": (_S.DRAFT,),
+    "pause": (_S.RUNNING,),
+    "resume": (_S.PAUSED,),
+    "abort": (_S.DRAFT, _S.RUNNING, _S.PAUSED, _S.COMPLETED),
+    "rollback": (_S.RUNNING, _S.PAUSED, _S.COMPLETED, _S.ABORTED),
+    "retry-failed": (_S.RUNNING, _S.PAUSED, _S.COMPLETED),
+})
+"""The states each manual operation is allowed from (the API's action names; the console shows its buttons
+by it)."""
+
+
+def _require(action: str, state: RolloutState, operation: str | None = None) -> None:
+    allowed = ALLOWED_FROM[action]
     if state.status not in allowed:
-        raise InvalidTransitionError(operation, state.status.value, tuple(s.value for s in allowed))
+        raise InvalidTransitionError(operation or action, state.status.value, tuple(s.value for s in allowed))
 
 
 def start(state: RolloutState, now: float, reason: str = "started") -> Outcome:
     """draft -> running(phase 1). Call :func:`decide` next to send the first orders."""
-    _require("start", state, (_S.DRAFT,))
+    _require("start", state)
     return Outcome(RolloutState(_S.RUNNING, 0, now, reason, changed_at=now))
 
 
 def pause(state: RolloutState, now: float, reason: str = "paused by an operator") -> Outcome:
     """running -> paused. No new orders; devices already updating finish (or time out)."""
-    _require("pause", state, (_S.RUNNING,))
+    _require("pause", state)
     return Outcome(RolloutState(_S.PAUSED, state.phase, state.phase_started_at, reason, changed_at=now))
 
 
@@ -82,7 +98,7 @@ def resume(state: RolloutState, now: float, reason: str = "resumed by an operato
     """paused (by hand or halted) -> running in the same phase. The soak clock is not reset (the devices kept
     running the new version while paused). A gate that still fails halts again at the next :func:`decide`:
     retry the failed devices first, or change the spec, or abort or roll back."""
-    _require("resume", state, (_S.PAUSED,))
+    _require("resume", state)
     return Outcome(RolloutState(_S.RUNNING, state.phase, state.phase_started_at, reason, changed_at=now))
 
 
@@ -100,7 +116,7 @@ def abort(spec: RolloutSpec, state: RolloutState, devices: Mapping[str, DeviceSt
     """-> aborted, at any time: a ``SendCancel`` goes out at once to every device mid-update (ordered, received,
     downloading, verified), whatever the pace limits. Devices already on the new version keep it (that is
     :func:`rollback`)."""
-    _require("abort", state, (_S.DRAFT, _S.RUNNING, _S.PAUSED, _S.COMPLETED))
+    _require("abort", state)
     new = RolloutState(_S.ABORTED, state.phase, state.phase_started_at, reason, changed_at=now)
     return Outcome(new, tuple(_cancels(spec, devices)))
 
@@ -113,7 +129,7 @@ def rollback(spec: RolloutSpec, state: RolloutState, devices: Mapping[str, Devic
     soaking: it may serve the new version silently), within ``max_concurrent`` but not the
     rate limit, the phases or the maintenance window (the bad version is serving). Later :func:`decide` calls
     keep ordering the rollback as slots free up and to devices that install the new version after all."""
-    _require("rollback", state, (_S.RUNNING, _S.PAUSED, _S.COMPLETED, _S.ABORTED))
+    _require("rollback", state)
     if previous.model != spec.model:
         raise RolloutSpecError(f"rolls back {previous.model!r}, the rollout installs {spec.model!r}",
                                field="previous.model")
@@ -132,7 +148,7 @@ def retry_failed(spec: RolloutSpec, state: RolloutState, devices: Mapping[str, D
     other (hawkBit #1454). They become not-started again, keeping their attempt count and last order time, and
     :func:`decide` orders them like any member: paced, in the current phase. The rollout's state is unchanged
     (a halted rollout stays halted until resumed)."""
-    _require("retry failed devices of", state, (_S.RUNNING, _S.PAUSED, _S.COMPLETED))
+    _require("retry-failed", state, "retry failed devices of")
     changed: dict[str, DeviceState] = {}
     for device in spec.ranked:
         st = devices.get(device)
