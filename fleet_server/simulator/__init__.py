@@ -16,24 +16,52 @@ I/O), :mod:`.windows` (drift windows and SLIs), :mod:`.engine` (the one thread),
 registration), :mod:`.cli` (``fleet-server simulate``).
 """
 
-from fleet_server.simulator.device import EventView, SimDevice
-from fleet_server.simulator.fleet import DeviceView, Mode, SimulatedFleet
-from fleet_server.simulator.register import register_devices, register_via_api
-from fleet_server.simulator.scenario import (
-    DeviceGroup,
-    DevicePlan,
-    Download,
-    Fractions,
-    Latencies,
-    OfflinePlan,
-    Outcome,
-    Scenario,
-    ScenarioError,
-    VersionBehaviour,
-    plan_devices,
-)
-from fleet_server.simulator.stats import SimStats
-from fleet_server.simulator.windows import WindowFactory, bundle_baseline, default_baseline
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use (PEP 562): ``fleet-server``'s command line imports ``.cli`` for its parser on every run,
+# and the package's modules pull in SQLAlchemy, paho and numpy.
+_LAZY = {
+    "EventView": "device", "SimDevice": "device",
+    "DeviceView": "fleet", "Mode": "fleet", "SimulatedFleet": "fleet",
+    "register_devices": "register", "register_via_api": "register",
+    "DeviceGroup": "scenario", "DevicePlan": "scenario", "Download": "scenario", "Fractions": "scenario",
+    "Latencies": "scenario", "OfflinePlan": "scenario", "Outcome": "scenario", "Scenario": "scenario",
+    "ScenarioError": "scenario", "VersionBehaviour": "scenario", "plan_devices": "scenario",
+    "SimStats": "stats",
+    "WindowFactory": "windows", "bundle_baseline": "windows", "default_baseline": "windows",
+}
+
+if TYPE_CHECKING:
+    from fleet_server.simulator.device import EventView, SimDevice
+    from fleet_server.simulator.fleet import DeviceView, Mode, SimulatedFleet
+    from fleet_server.simulator.register import register_devices, register_via_api
+    from fleet_server.simulator.scenario import (
+        DeviceGroup,
+        DevicePlan,
+        Download,
+        Fractions,
+        Latencies,
+        OfflinePlan,
+        Outcome,
+        Scenario,
+        ScenarioError,
+        VersionBehaviour,
+        plan_devices,
+    )
+    from fleet_server.simulator.stats import SimStats
+    from fleet_server.simulator.windows import WindowFactory, bundle_baseline, default_baseline
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DeviceGroup",
